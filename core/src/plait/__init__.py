@@ -1,0 +1,29 @@
+"""plait: a tiny PyTorch-native pretraining runtime; everything else is a plugin.
+
+Importing this package is cheap (no torch): `plait plugins` and plugin discovery
+rely on that. Heavy pieces are imported where they are used.
+"""
+from __future__ import annotations
+
+import pluggy
+
+__version__ = "0.1.0"
+
+#: Major version of the hook API. A plugin declares the version it was built for
+#: (module attribute ``PLAIT_API_VERSION``); another major version is refused at load.
+PLUGIN_API_VERSION = 1
+
+hookimpl = pluggy.HookimplMarker("plait")
+
+
+def from_pretrained(model_name: str, hf_dir: str, **kwargs):
+    """Build ``model_name`` with the weights of a Hugging Face checkpoint folder.
+
+    Returns the model in fp32 and eval mode; ``model(tokens[B, S]) -> logits[B, S, V]``.
+    """
+    from plait.hf import from_pretrained as _from_pretrained
+
+    return _from_pretrained(model_name, hf_dir, **kwargs)
+
+
+__all__ = ["PLUGIN_API_VERSION", "__version__", "from_pretrained", "hookimpl"]

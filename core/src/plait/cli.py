@@ -1,0 +1,269 @@
+"""`plait` command line: train, plugins, convert.
+
+`plait train` parses in two phases: first the plugin/model selection (--plugins,
+--model, --config), then the typed config of the core plus the enabled plugins'
+sections, so `--help` shows exactly the options of what is enabled.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from plait.errors import ConfigError, PlaitError
+
+USAGE = """usage: plait <command> [options]
+
+commands:
+  train      train a model: plait train --config llama3_debugmodel [--section.field value ...]
+  plugins    list installed plugins and recipes
+  convert    export a plait checkpoint to a Hugging Face folder
+
+`plait <command> --help` shows the options of a command."""
+
+logger = logging.getLogger("plait")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"train": train_command, "plugins": plugins_command, "convert": convert_command}
+    try:
+        if command not in commands:
+            raise ConfigError(f"unknown command {command!r}; choose one of: {', '.join(commands)}")
+        return commands[command](rest)
+    except PlaitError as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclasses.dataclass
+class Selection:
+    plugins: list[str]
+    model: str
+    recipe: str
+    help: bool
+
+
+def parse_selection(argv: list[str]) -> tuple[Selection, list[str]]:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--plugins", default="")
+    parser.add_argument("--model", default="")
+    parser.add_argument("--config", default="")
+    parser.add_argument("-h", "--help", action="store_true")
+    known, rest = parser.parse_known_args(argv)
+    plugins = [p.strip() for p in known.plugins.split(",") if p.strip()]
+    return Selection(plugins=plugins, model=known.model, recipe=known.config, help=known.help), rest
+
+
+def select_plugins(selection: Selection):
+    """Enable the model plugin and --plugins; return (manager, base config)."""
+    from plait.config import JobConfig
+    from plait.plugins import PluginManager, installed_recipes, recipe_owner
+
+    manager = PluginManager()
+    base = JobConfig()
+    if selection.recipe:
+        owner, recipe = recipe_owner(selection.recipe)
+        manager.enable([owner])
+        base = recipe()
+        if not isinstance(base, JobConfig):
+            raise ConfigError(f"recipe {selection.recipe!r} must return a plait.config.JobConfig, "
+                              f"got {type(base).__name__}")
+    if selection.model:
+        if selection.recipe and base.model.name and base.model.name != selection.model:
+            raise ConfigError(f"--model {selection.model} conflicts with recipe {selection.recipe!r}, "
+                              f"which trains {base.model.name!r}: pass one of them")
+        base.model.name = selection.model
+    if not base.model.name:
+        models = manager.installed_models()
+        raise ConfigError(
+            "choose what to train: --config RECIPE (installed: "
+            f"{', '.join(installed_recipes()) or 'none'}) or --model NAME (installed: {', '.join(models) or 'none'})"
+        )
+    manager.enable_model(base.model.name)
+    manager.enable(selection.plugins)
+    return manager, base
+
+
+def build_config_class(sections: dict[str, type]) -> type:
+    from plait.config import JobConfig
+
+    if not sections:
+        return JobConfig
+    fields = [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in sections.items()]
+    return dataclasses.make_dataclass("JobConfig", fields, bases=(JobConfig,), kw_only=True)
+
+
+def parse_config(manager, base, argv: list[str], *, prog: str = "plait train"):
+    """The full typed config: the base (recipe) with command-line overrides applied."""
+    import tyro
+
+    cls = build_config_class(manager.config_sections)
+    default = cls(**base.sections(), **{name: section() for name, section in manager.config_sections.items()})
+    description = (
+        "Train a model. Select first with --config RECIPE and/or --model NAME and --plugins a,b "
+        "(enabled plugins add their own sections below). "
+        f"Enabled plugins: {', '.join(manager.enabled) or 'none'}."
+    )
+    return tyro.cli(
+        cls,
+        default=default,
+        args=argv,
+        prog=prog,
+        description=description,
+        use_underscores=True,
+        config=(tyro.conf.FlagConversionOff,),
+    )
+
+
+def resolve_train_config(argv: list[str]):
+    """Phase 1 + phase 2 + every check that runs before any work. -> (manager, spec, config)."""
+    from plait.train import validate_job, world_size_from_env
+
+    selection, rest = parse_selection(argv)
+    if selection.help and not (selection.recipe or selection.model):
+        rest = rest + ["--help"]
+        from plait.config import JobConfig
+        from plait.plugins import PluginManager
+
+        manager = PluginManager()
+        manager.enable(selection.plugins)
+        parse_config(manager, JobConfig(), rest)  # prints help and exits
+    manager, base = select_plugins(selection)
+    if selection.help:
+        rest = rest + ["--help"]
+    config = parse_config(manager, base, rest)
+    spec = manager.model_spec(config.model.name)
+    validate_job(config, manager, spec, world_size_from_env())
+    return manager, spec, config
+
+
+def write_resolved_config(config, manager) -> str:
+    os.makedirs(config.job.dump_folder, exist_ok=True)
+    path = os.path.join(config.job.dump_folder, "config.json")
+    document = {"plugins": [n for n in manager.enabled], **config.to_dict()}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def setup_logging(rank: int) -> None:
+    log = logging.getLogger("plait")
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    prefix = f"[rank{rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def train_command(argv: list[str]) -> int:
+    manager, spec, config = resolve_train_config(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    if rank == 0:
+        path = write_resolved_config(config, manager)
+        logger.info("plugins: %s; resolved config: %s", ", ".join(manager.enabled), path)
+    from plait.train import Trainer
+
+    trainer = Trainer(config, manager, spec)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    if result.stopped_by_signal:
+        logger.info("stopped at step %d on a signal; checkpoint saved, resume with the same command",
+                    result.last_step)
+    return 0
+
+
+def plugins_command(argv: list[str]) -> int:
+    """List installed plugins (name, distribution, version, provides, hooks, enabled)."""
+    selection, rest = parse_selection(argv)
+    if rest or selection.help:
+        print("usage: plait plugins [--plugins a,b] [--model NAME] [--config RECIPE]\n"
+              "Lists installed plugins and recipes; with a selection, marks what it enables.")
+        return 0 if selection.help else 2
+    from plait.plugins import installed_plugins, installed_recipes
+
+    enabled: set[str] = set()
+    if selection.recipe or selection.model or selection.plugins:
+        manager, _ = select_plugins(selection)
+        enabled = set(manager.enabled)
+    rows = [("NAME", "DISTRIBUTION", "VERSION", "ENABLED", "PROVIDES", "HOOKS")]
+    for name, plugin in installed_plugins().items():
+        try:
+            module = plugin.import_module()
+            provides = ",".join(getattr(module, "PROVIDES", ())) or "-"
+            hooks = ",".join(sorted(h[len("plait_"):] for h in dir(module) if h.startswith("plait_"))) or "-"
+        except PlaitError as exc:
+            provides, hooks = f"(import failed: {exc})", "-"
+        rows.append((name, plugin.distribution, plugin.version, "yes" if name in enabled else "no", provides, hooks))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
+    recipes = installed_recipes()
+    print(f"\nrecipes ({len(recipes)}): " + (", ".join(recipes) or "none"))
+    return 0
+
+
+def convert_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="plait convert",
+        description="Export a plait checkpoint (a step-N folder) to a Hugging Face folder that "
+        "transformers loads. Model and flavor default to those in the run's config.json.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint folder, e.g. outputs/checkpoint/step-50")
+    parser.add_argument("output", help="the Hugging Face folder to write")
+    parser.add_argument("--model", default="", help="model name (default: from the run's config.json)")
+    parser.add_argument("--flavor", default="", help="model flavor (default: from the run's config.json)")
+    args = parser.parse_args(argv)
+    model, flavor = args.model, args.flavor
+    if not (model and flavor):
+        run_config = _run_config_of(args.checkpoint)
+        model = model or run_config["model"]["name"]
+        flavor = flavor or run_config["model"]["flavor"]
+    if not os.path.isdir(args.checkpoint):
+        raise ConfigError(f"checkpoint folder {args.checkpoint!r} does not exist")
+    from plait.hf import export_checkpoint_to_hf
+    from plait.plugins import load_model_spec
+
+    spec = load_model_spec(model)
+    export_checkpoint_to_hf(args.checkpoint, spec, spec.args_for(flavor), args.output)
+    print(f"wrote {model}/{flavor} in Hugging Face format to {args.output}")
+    return 0
+
+
+def _run_config_of(checkpoint: str) -> dict[str, Any]:
+    folder = os.path.abspath(checkpoint)
+    for _ in range(3):
+        folder = os.path.dirname(folder)
+        candidate = os.path.join(folder, "config.json")
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                return json.load(f)
+    raise ConfigError(
+        f"cannot find the run's config.json above {checkpoint!r}: pass --model and --flavor"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The typed config tree of a run.
+
+Every section is a dataclass with defaults; the root ``JobConfig`` composes the core
+sections, and ``plait.cli`` adds one field per enabled plugin's section (see
+``plait_add_config_sections``). Each section validates itself (``validate()``) and
+the components that consume a section build themselves from it.
+
+Recipes (``config_registry.py`` in a model package) are functions returning a
+``JobConfig``; command-line overrides (``--training.steps 20``) apply on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from plait.errors import ConfigError
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True, slots=True)
+class JobSection:
+    dump_folder: str = "./outputs"
+    """Folder for this run: resolved config, checkpoints, TensorBoard events."""
+    description: str = ""
+    pg_timeout_seconds: int = 300
+    """Timeout of collectives; a rank that waits longer fails instead of hanging."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    name: str = ""
+    """Registered model name, e.g. llama3 (set by --model or by the recipe)."""
+    flavor: str = "debugmodel"
+    """Flavor of the model: its published size or a debug size."""
+    hf_dir: str = ""
+    """Initialize weights from this Hugging Face checkpoint folder (config.json + *.safetensors)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainingSection:
+    steps: int = 10
+    seq_len: int = 256
+    local_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step over all ranks; -1 = local_batch_size * data-parallel degree.
+    A multiple of that product gives gradient accumulation."""
+    max_norm: float = 1.0
+    """Gradient-norm clipping threshold; 0 disables clipping."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the model; master weights and optimizer state stay float32."""
+    seed: int = 0
+    deterministic: bool = False
+    """Use deterministic algorithms (slower; bit-exact reruns on the same hardware)."""
+
+    def validate(self) -> None:
+        _require(self.steps > 0, f"--training.steps must be positive, got {self.steps}")
+        _require(self.seq_len > 0, f"--training.seq_len must be positive, got {self.seq_len}")
+        _require(
+            self.local_batch_size > 0,
+            f"--training.local_batch_size must be positive, got {self.local_batch_size}",
+        )
+        _require(
+            self.global_batch_size == -1 or self.global_batch_size > 0,
+            f"--training.global_batch_size must be positive or -1, got {self.global_batch_size}",
+        )
+        _require(self.max_norm >= 0, f"--training.max_norm must be >= 0, got {self.max_norm}")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerSection:
+    name: Literal["AdamW"] = "AdamW"
+    lr: float = 8e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    implementation: Literal["for-loop", "foreach", "fused"] = "foreach"
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"--optimizer.lr must be positive, got {self.lr}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--optimizer.beta1/beta2 must be in [0, 1)")
+        _require(self.eps > 0, f"--optimizer.eps must be positive, got {self.eps}")
+        _require(self.weight_decay >= 0, "--optimizer.weight_decay must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class LRSchedulerSection:
+    """Warmup-stable-decay: linear warmup, constant, then decay to min_lr_factor * lr."""
+
+    warmup_steps: int = 2
+    decay_ratio: float | None = None
+    """Fraction of the steps spent decaying; None = decay over all steps after warmup."""
+    decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
+    min_lr_factor: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.warmup_steps >= 0, "--lr_scheduler.warmup_steps must be >= 0")
+        _require(
+            self.decay_ratio is None or 0.0 <= self.decay_ratio <= 1.0,
+            f"--lr_scheduler.decay_ratio must be in [0, 1], got {self.decay_ratio}",
+        )
+        _require(0.0 <= self.min_lr_factor <= 1.0, "--lr_scheduler.min_lr_factor must be in [0, 1]")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelismSection:
+    """Parallel degrees. Their product must equal the world size (dp_shard -1 fills)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class ActivationCheckpointSection:
+    mode: Literal["none", "full", "selective"] = "none"
+    selective_option: str = "op"
+    """For selective: 'op' saves matmul/attention outputs and recomputes the rest;
+    an integer N checkpoints every N-th block."""
+
+    def validate(self) -> None:
+        _require(
+            self.selective_option == "op" or self.selective_option.isdigit(),
+            f"--activation_checkpoint.selective_option must be 'op' or a positive integer, "
+            f"got {self.selective_option!r}",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class CompileSection:
+    enable: bool = False
+    """torch.compile each transformer block (and the loss)."""
+    backend: str = "inductor"
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    dataset: str = ""
+    """Local .jsonl/.json/.parquet/.txt file(s) or folder, or an HF dataset name;
+    empty = the embedded corpus (no network needed)."""
+    dataset_config: str = ""
+    """HF dataset configuration name, if the dataset has several."""
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = True
+    tokenizer: str = ""
+    """Path to a tokenizer.json (or a folder holding one); empty = the embedded tokenizer."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointSection:
+    enable: bool = True
+    folder: str = "checkpoint"
+    """Relative to job.dump_folder."""
+    interval: int = 500
+    """Save every N steps (and at the last step)."""
+    keep_latest_k: int = 3
+    """Keep only the newest K checkpoints; 0 keeps all."""
+    async_mode: Literal["disabled", "async"] = "disabled"
+    load_step: int = -1
+    """Resume from this step; -1 = the latest complete checkpoint."""
+
+    def validate(self) -> None:
+        _require(self.interval > 0, f"--checkpoint.interval must be positive, got {self.interval}")
+        _require(self.keep_latest_k >= 0, "--checkpoint.keep_latest_k must be >= 0 (0 keeps all)")
+
+
+@dataclass(kw_only=True, slots=True)
+class MetricsSection:
+    log_freq: int = 1
+    enable_tensorboard: bool = True
+    tensorboard_folder: str = "tb"
+    """Relative to job.dump_folder."""
+    progress: Literal["auto", "on", "off"] = "auto"
+    """A progress line with ETA; 'auto' shows it on a terminal."""
+
+    def validate(self) -> None:
+        _require(self.log_freq > 0, f"--metrics.log_freq must be positive, got {self.log_freq}")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def validate(self) -> None:
+        for section in self.sections().values():
+            check = getattr(section, "validate", None)
+            if check is not None:
+                check()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: dataclasses.asdict(section) for name, section in self.sections().items()}

@@ -1,0 +1,269 @@
+"""Every hook a plait plugin can implement, grouped by the stage of a run that calls it.
+
+The core calls one hook per stage in a fixed order (the order of the banners below), so
+the order in which plugins are registered never decides the semantics of a run. Within
+one hook, pluggy calls implementations last-registered first; only hooks documented as
+"collect-all" see several implementations, and their results never depend on that order
+except where stated.
+
+Calling conventions used below:
+
+- **collect-all**: every implementation runs; the core receives the list of non-None
+  results.
+- **first result wins** (``firstresult=True``): implementations run until one returns
+  something other than None; that value is used. Used for "who builds X".
+- **historic**: a plugin enabled late still receives the call.
+- **wrapper-friendly**: implement with ``@hookimpl(wrapper=True)`` to run code around the
+  core's behaviour (``result = yield``), e.g. fault tolerance or profiling around a step.
+
+All hooks are called with keyword arguments; an implementation may accept any subset of
+the documented parameters. Every hook name starts with ``plait_``; ``check_pending()``
+runs after plugins load, so a misspelled implementation is an error.
+
+A plugin module also declares three constants, read by the plugin manager:
+
+- ``PLAIT_API_VERSION`` (int): the major hook-API version it was written for;
+- ``PROVIDES`` (tuple of str): capabilities, e.g. ``("dp_shard", "dp_replicate")``,
+  ``("tp",)``, ``("model:llama3",)``;
+- ``REQUIRES`` (tuple of str): names of other plugins that must be enabled with it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # only for annotations; keeps this module import-light
+    import torch
+    from torch import nn
+
+    from plait.config import JobConfig
+    from plait.model_spec import ModelSpec
+    from plait.parallel_dims import ParallelDims
+    from plait.train_state import DeviceInfo, PipelineResult, StepContext
+
+hookspec = pluggy.HookspecMarker("plait")
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Registration
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def plait_register_models(register: Callable[[ModelSpec], None]) -> None:
+    """Register model specs: call ``register(spec)`` once per model. collect-all, historic.
+
+    Registering a name twice raises an error that names both plugins.
+    """
+
+
+@hookspec(historic=True)
+def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
+    """Add this plugin's config section: ``register("float8", Float8Config)``.
+
+    The section becomes ``--float8.<field>`` on the command line and ``config.float8`` in
+    code. The class is a dataclass with defaults for every field; it may define
+    ``validate(self) -> None`` raising ``ConfigError``. collect-all, historic.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Validation (before any process group, model or file exists)
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+    """Check this plugin's constraints; raise ``ConfigError`` with the fix. collect-all.
+
+    Example: the tp plugin checks that ``tp`` divides the head counts of the model.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Device
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plait_device(config: JobConfig) -> DeviceInfo | None:
+    """Return the device type, communication backend and peak FLOPs to use.
+
+    first result wins. The core answers for cpu and cuda; a vendor plugin (rocm) answers
+    first for its hardware by returning a ``DeviceInfo``.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Process groups and mesh
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plait_init_process_group(config: JobConfig, device: DeviceInfo) -> bool | None:
+    """Initialize ``torch.distributed`` yourself; return True if you did. first result wins.
+
+    Without an implementation the core calls ``init_process_group`` with the device's
+    backend when the world size is greater than one.
+    """
+
+
+@hookspec
+def plait_mesh_built(parallel_dims: ParallelDims, config: JobConfig) -> None:
+    """Observe (or extend) the meshes once ``ParallelDims.build_mesh`` ran. collect-all.
+
+    torchft uses this to attach its fault-tolerant replicate group.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# 5-6. Model construction (meta device) and conversion before sharding
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def plait_convert_model(model: nn.Module, config: JobConfig, model_spec: ModelSpec) -> None:
+    """Swap modules in place before any sharding (float8 / mxfp8 linears). collect-all.
+
+    The model is on the meta device.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Pipeline split
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plait_pipeline_split(
+    model: nn.Module,
+    config: JobConfig,
+    parallel_dims: ParallelDims,
+    model_spec: ModelSpec,
+    device: torch.device,
+) -> PipelineResult | None:
+    """Cut the model into this rank's stages and build a schedule. first result wins.
+
+    Without an implementation the whole model is one chunk.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Per model chunk, in this order:
+#    tensor parallel -> expert parallel -> context parallel
+#    -> activation checkpointing (core) -> compile (core) -> data parallel
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def plait_apply_tensor_parallel(
+    model: nn.Module, config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec
+) -> None:
+    """Apply the model spec's TP/SP plan on ``parallel_dims.get_mesh("tp")``. collect-all."""
+
+
+@hookspec
+def plait_apply_expert_parallel(
+    model: nn.Module, config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec
+) -> None:
+    """Shard experts over the ep mesh and install a token dispatcher. collect-all."""
+
+
+@hookspec
+def plait_apply_context_parallel(
+    model: nn.Module, config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec
+) -> None:
+    """Prepare attention modules for context parallelism. collect-all."""
+
+
+@hookspec
+def plait_apply_data_parallel(
+    model: nn.Module, config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec
+) -> None:
+    """Wrap the chunk for FSDP / HSDP / DDP (after AC and compile). collect-all."""
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Materialize, initialize, optimizer
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plait_wrap_optimizer(
+    optimizer: torch.optim.Optimizer, model_parts: list[nn.Module], config: JobConfig
+) -> torch.optim.Optimizer | None:
+    """Return a replacement for the optimizer (e.g. torchft's). first result wins."""
+
+
+# ---------------------------------------------------------------------------------------
+# 10. Each step
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def plait_train_context(config: JobConfig, parallel_dims: ParallelDims, ctx: StepContext) -> Any:
+    """Return a context manager to enter around each micro-batch's forward and backward
+    (context-parallel buffer sharding, loss parallel). collect-all; entered in the order of
+    the returned list, exited in reverse."""
+
+
+@hookspec(firstresult=True)
+def plait_forward_backward(ctx: StepContext) -> torch.Tensor | None:
+    """Run forward and backward for one micro-batch and return the (detached) loss.
+
+    first result wins; the pipeline plugin replaces the core's forward/backward with its
+    schedule here. Return None to leave it to the core.
+    """
+
+
+@hookspec
+def plait_train_step(ctx: StepContext) -> None:
+    """Wrapper-friendly hook around one whole optimizer step (all micro-batches, clipping,
+    optimizer step). The core's own implementation does the work; wrap it with
+    ``@hookimpl(wrapper=True)`` for fault tolerance, profiling or timing."""
+
+
+@hookspec
+def plait_before_optimizer_step(ctx: StepContext) -> None:
+    """Called after gradients are final (clipped) and before ``optimizer.step()``. collect-all."""
+
+
+@hookspec
+def plait_after_optimizer_step(ctx: StepContext) -> None:
+    """Called after ``optimizer.step()`` and the LR step (float8 scale precompute, torchft
+    commit). collect-all."""
+
+
+@hookspec
+def plait_log_metrics(step: int, metrics: dict[str, float], config: JobConfig) -> None:
+    """Observe the metrics of a logged step (console and TensorBoard are core observers).
+    collect-all."""
+
+
+# ---------------------------------------------------------------------------------------
+# 11. Checkpoint
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def plait_checkpoint_state(config: JobConfig) -> dict[str, Any] | None:
+    """Contribute extra stateful objects (``state_dict``/``load_state_dict``) to every
+    checkpoint, keyed by a unique name. collect-all."""
+
+
+@hookspec
+def plait_checkpoint_save(step: int, path: str) -> None:
+    """Wrapper-friendly hook around saving one checkpoint (the core's implementation does
+    the save)."""
+
+
+# ---------------------------------------------------------------------------------------
+# 12. MoE token dispatch
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plait_token_dispatcher(config: JobConfig, parallel_dims: ParallelDims) -> Any:
+    """Return the token dispatcher MoE layers use (all-to-all from ep, DeepEP from deepep).
+    first result wins; without one, MoE layers dispatch locally."""

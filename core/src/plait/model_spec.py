@@ -1,0 +1,97 @@
+"""ModelSpec: everything a model tells the core and the plugins, so that no plugin knows
+any model by name.
+
+A model package registers one ``ModelSpec`` through ``plait_register_models``. The core
+builds the model on the meta device with ``build(args)``, calls
+``model.init_weights()`` after materializing it, and wraps ``model.<block_container>``
+block by block (activation checkpointing, compile, FSDP). Parallelism plugins read the
+plans declared here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class HFAdapter(Protocol):
+    """Converts between plait's and Hugging Face's names, configs and tensors."""
+
+    #: HF ``architectures`` entries this adapter reads, e.g. ("LlamaForCausalLM",).
+    hf_architectures: tuple[str, ...]
+
+    def args_from_hf_config(self, hf_config: dict[str, Any]) -> Any:
+        """Model args (the flavor dataclass) for an HF ``config.json`` dict."""
+
+    def hf_config_from_args(self, args: Any) -> dict[str, Any]:
+        """An HF ``config.json`` dict (including ``architectures`` and ``model_type``)."""
+
+    def from_hf(self, hf_state_dict: dict[str, torch.Tensor], args: Any) -> dict[str, torch.Tensor]:
+        """plait state dict from HF tensors (renames, permutations, dequantization)."""
+
+    def to_hf(self, state_dict: dict[str, torch.Tensor], args: Any) -> dict[str, torch.Tensor]:
+        """HF state dict from plait tensors; the exact inverse of ``from_hf``."""
+
+
+#: Names of the tensor-parallel styles a plan may use; the tp plugin maps each to a
+#: torch ``ParallelStyle``. Patterns use ``*`` for one path component ("layers.*.wq").
+TPStyle = Literal[
+    "colwise",  # shard output features; input replicated
+    "rowwise",  # shard input features; output sequence-sharded (Shard(1)) when SP is on
+    "embedding",  # vocab-parallel embedding, output sequence-sharded
+    "output",  # column-parallel LM head, logits sharded on vocab (for loss parallel)
+    "sequence_parallel",  # norms run on sequence shards
+    "prepare_input",  # gather the sequence-sharded input before attention / FFN
+]
+
+
+@dataclass(kw_only=True, frozen=True)
+class TPPlan:
+    """A model's tensor-parallel plan: module path pattern -> style.
+
+    ``divisible_by_tp`` names the model-args attributes that tp must divide (head
+    counts, FFN width); the tp plugin checks them and reports the first that fails.
+    """
+
+    styles: Mapping[str, TPStyle]
+    divisible_by_tp: tuple[str, ...] = ()
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    name: str
+    #: flavor name -> model args (a dataclass owned by the model package)
+    flavors: Mapping[str, Any]
+    #: builds the module from model args on the current default device (meta during init)
+    build: Callable[[Any], nn.Module]
+    #: FLOPs per token of forward+backward for a sequence length (6N + attention)
+    flops_per_token: Callable[[Any, int], float]
+    #: attribute of the model holding its repeated blocks (an nn.ModuleDict or ModuleList)
+    block_container: str = "layers"
+    tp_plan: TPPlan | None = None
+    #: module paths that begin a new pipeline stage, given args and the number of stages
+    pipeline_split_points: Callable[[Any, int], list[str]] | None = None
+    #: attention implementation by name if it supports context parallelism, else None
+    cp_attention: Literal["sdpa", "flex"] | None = None
+    #: module paths (patterns) that are MoE expert groups, for the ep plugin
+    expert_modules: tuple[str, ...] = ()
+    hf_adapter: HFAdapter | None = None
+    #: loss(logits, labels) -> scalar mean loss; None means token cross-entropy
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: for non-LM models (flux): builds the data pipeline instead of the token loader
+    data_pipeline: Callable[..., Any] | None = None
+    #: plugin that registered the spec; filled in by the plugin manager
+    provided_by: str = field(default="", compare=False)
+
+    def args_for(self, flavor: str) -> Any:
+        from plait.errors import ConfigError
+
+        if flavor not in self.flavors:
+            raise ConfigError(
+                f"model {self.name!r} has no flavor {flavor!r}; choose one of: "
+                + ", ".join(sorted(self.flavors))
+            )
+        return self.flavors[flavor]

@@ -1,0 +1,65 @@
+"""Causal self-attention with grouped-query heads on top of SDPA.
+
+Heads are always recovered with ``view(batch, seq, -1, head_dim)``, never from a stored
+head count, so a tensor-parallel plan that shards ``wq``/``wk``/``wv`` column-wise and
+``wo`` row-wise gives each rank its share of the heads without any change here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.nn.rope import apply_rope
+
+
+class ScaledDotProductAttention(nn.Module):
+    """Causal SDPA as a module of its own, so context parallelism can wrap exactly it.
+
+    Takes ``q, k, v`` as ``[batch, heads, seq, head_dim]`` with equal head counts.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention; ``n_kv_heads < n_heads`` gives grouped-query attention."""
+
+    def __init__(self, *, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.head_dim = head_dim or dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.sdpa = ScaledDotProductAttention()
+
+    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[batch, seq, dim]``; ``rope_cache``: see ``plait.nn.rope.rope_cache``.
+
+        ``rope_cache`` is keyword-only so that a tensor-parallel input hook sees ``x`` as
+        the module's only positional input.
+        """
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq_len, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
+        q, k = apply_rope(q, rope_cache), apply_rope(k, rope_cache)
+
+        queries_per_kv = q.shape[2] // k.shape[2]
+        if queries_per_kv > 1:
+            k = k.repeat_interleave(queries_per_kv, dim=2)
+            v = v.repeat_interleave(queries_per_kv, dim=2)
+
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        """Truncated normal projections; ``out_std`` for ``wo`` (depth-scaled by the caller)."""
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)

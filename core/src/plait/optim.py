@@ -1,0 +1,57 @@
+"""AdamW and the warmup-stable-decay learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from plait.config import LRSchedulerSection, OptimizerSection
+
+
+def build_optimizer(section: OptimizerSection, model_parts: list[nn.Module]) -> torch.optim.Optimizer:
+    """AdamW over all parameters; weight decay only on matrices (not norms or biases)."""
+    params = [p for part in model_parts for p in part.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": section.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups,
+        lr=section.lr,
+        betas=(section.beta1, section.beta2),
+        eps=section.eps,
+        foreach=section.implementation == "foreach",
+        fused=section.implementation == "fused",
+    )
+
+
+def lr_factor(step: int, *, total_steps: int, section: LRSchedulerSection) -> float:
+    """Multiplier of the peak LR for the optimizer step with 0-based index ``step``."""
+    warmup = min(section.warmup_steps, total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    after_warmup = total_steps - warmup
+    ratio = 1.0 if section.decay_ratio is None else section.decay_ratio
+    decay_steps = round(after_warmup * ratio)
+    stable_end = total_steps - decay_steps
+    if step < stable_end or decay_steps == 0:
+        return 1.0
+    progress = (step - stable_end + 1) / (decay_steps + 1)
+    if section.decay_type == "linear":
+        shape = 1.0 - progress
+    elif section.decay_type == "sqrt":
+        shape = 1.0 - math.sqrt(progress)
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return section.min_lr_factor + (1.0 - section.min_lr_factor) * shape
+
+
+def build_lr_scheduler(
+    section: LRSchedulerSection, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total_steps=total_steps, section=section)
+    )

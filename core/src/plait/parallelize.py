@@ -1,0 +1,65 @@
+"""The core's own per-chunk transforms: activation checkpointing and torch.compile.
+
+They run between the plugins' context-parallel and data-parallel hooks (DESIGN §4.8),
+block by block over ``model.<block_container>``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from plait.config import ActivationCheckpointSection, CompileSection
+
+#: Ops whose outputs selective AC keeps (expensive to recompute); everything else is recomputed.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def blocks_of(model: nn.Module, container: str) -> nn.Module | None:
+    return getattr(model, container, None)
+
+
+def _selective_op_context():
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, section: ActivationCheckpointSection, container: str) -> None:
+    if section.mode == "none":
+        return
+    blocks = blocks_of(model, container)
+    if blocks is None:
+        return
+    every_nth = int(section.selective_option) if section.selective_option.isdigit() else 0
+    for index, (name, block) in enumerate(list(blocks.named_children())):
+        if section.mode == "full" or (every_nth and index % every_nth == 0):
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+        elif section.mode == "selective" and not every_nth:
+            wrapped = checkpoint_wrapper(block, context_fn=_selective_op_context, preserve_rng_state=False)
+        else:
+            continue
+        blocks.register_module(name, wrapped)
+
+
+def apply_compile(model: nn.Module, section: CompileSection, container: str) -> None:
+    """Compile each block in place (names and state-dict keys stay unchanged)."""
+    if not section.enable:
+        return
+    blocks = blocks_of(model, container)
+    if blocks is None:
+        model.compile(backend=section.backend, fullgraph=False)
+        return
+    for block in blocks.children():
+        block.compile(backend=section.backend, fullgraph=True)
+

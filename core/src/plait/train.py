@@ -1,0 +1,431 @@
+"""The training loop. The same loop drives one CPU and every parallelism: plugins change
+the model chunks, the meshes, the step's contexts and (for pipelines) forward/backward
+through hooks, always in the order of DESIGN §4."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from plait.config import JobConfig
+from plait.errors import ConfigError, TrainingDivergedError
+from plait.model_spec import ModelSpec
+from plait.parallel_dims import ParallelDims
+from plait.parallelize import apply_activation_checkpointing, apply_compile
+from plait.plugins import PluginManager
+from plait.train_state import DeviceInfo, StepContext
+
+logger = logging.getLogger("plait")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+@dataclass
+class TrainState:
+    """Step counter and RNG, checkpointed as plain JSON data."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": torch.get_rng_state().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)
+    last_step: int = 0
+    stopped_by_signal: bool = False
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def grad_accumulation_steps(config: JobConfig, parallel_dims: ParallelDims) -> int:
+    per_round = config.training.local_batch_size * parallel_dims.dp_degree
+    global_batch = config.training.global_batch_size
+    if global_batch == -1:
+        return 1
+    if global_batch % per_round:
+        raise ConfigError(
+            f"--training.global_batch_size {global_batch} must be a multiple of local_batch_size "
+            f"{config.training.local_batch_size} × data-parallel degree {parallel_dims.dp_degree} "
+            f"= {per_round}; e.g. use {max(per_round, global_batch // per_round * per_round)}"
+        )
+    return global_batch // per_round
+
+
+def check_capabilities(config: JobConfig, parallel_dims: ParallelDims, plugins: PluginManager) -> None:
+    """A degree > 1 needs an enabled plugin that provides it; say which one otherwise."""
+    from plait.plugins import DEGREE_PROVIDERS, _install_hint
+
+    for degree_name in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep"):
+        degree = getattr(parallel_dims, degree_name)
+        if degree <= 1 or plugins.provides(degree_name):
+            continue
+        candidates = plugins.providers_of(degree_name)
+        plugin = candidates[0] if candidates else DEGREE_PROVIDERS[degree_name]
+        enabled = ",".join([*(p for p in plugins.enabled if not p.startswith("plait.")), plugin])
+        install = "" if candidates else f" Install it first: {_install_hint(plugin)}."
+        raise ConfigError(
+            f"--parallelism.{degree_name} {degree} needs a plugin that provides {degree_name!r}, "
+            f"and none is enabled: add --plugins {enabled}.{install}"
+        )
+
+
+def validate_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, world_size: int) -> ParallelDims:
+    """Every check that can run before any work: sections, degrees, plugins, model."""
+    config.validate()
+    spec.args_for(config.model.flavor)
+    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
+    check_capabilities(config, parallel_dims, plugins)
+    grad_accumulation_steps(config, parallel_dims)
+    plugins.hook.plait_validate(config=config, parallel_dims=parallel_dims, model_spec=spec)
+    return parallel_dims
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits after the step.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("received %s: finishing this step, saving a checkpoint, then exiting",
+                       signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, config: JobConfig, plugins: PluginManager, spec: ModelSpec) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.spec = spec
+        self.hook = plugins.hook
+        world_size = world_size_from_env()
+        self.parallel_dims = validate_job(config, plugins, spec, world_size)
+        self.device_info: DeviceInfo = self.hook.plait_device(config=config)
+        self.device = self._init_distributed()
+        self._seed()
+
+        from plait.data import build_dataloader, build_tokenizer
+
+        pd = self.parallel_dims
+        training = config.training
+        self.tokenizer = build_tokenizer(config.data.tokenizer)
+        self.dataloader = build_dataloader(
+            config.data,
+            self.tokenizer,
+            seq_len=training.seq_len,
+            local_batch_size=training.local_batch_size,
+            dp_rank=pd.dp_rank(),
+            dp_world_size=pd.dp_degree,
+        )
+        self.grad_accumulation_steps = grad_accumulation_steps(config, pd)
+        self.model_args = spec.args_for(config.model.flavor)
+        self._check_vocab()
+        self.model_parts, self.pipeline = self._build_model()
+        self.loss_fn = spec.loss_fn or token_cross_entropy
+        if config.compile.enable:
+            self.loss_fn = torch.compile(self.loss_fn, backend=config.compile.backend)
+
+        from plait.optim import build_lr_scheduler, build_optimizer
+
+        optimizer = build_optimizer(config.optimizer, self.model_parts)
+        self.optimizer = self.hook.plait_wrap_optimizer(
+            optimizer=optimizer, model_parts=self.model_parts, config=config
+        ) or optimizer
+        self.lr_scheduler = build_lr_scheduler(config.lr_scheduler, self.optimizer, training.steps)
+        self.train_state = TrainState()
+
+        from plait.checkpoint import CheckpointManager
+
+        extra_states: dict[str, Any] = {"dataloader": self.dataloader, "train_state": self.train_state}
+        for contributed in self.hook.plait_checkpoint_state(config=config):
+            extra_states.update(contributed)
+        self.checkpointer = CheckpointManager(
+            config.checkpoint,
+            dump_folder=config.job.dump_folder,
+            model_parts=self.model_parts,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            states=extra_states,
+        )
+        self.resumed_from = self.checkpointer.load()
+        if self.resumed_from == 0 and config.model.hf_dir:
+            self._load_hf_weights(config.model.hf_dir)
+
+        from plait.metrics import MetricsProcessor
+
+        self.metrics = MetricsProcessor(
+            config.metrics,
+            dump_folder=config.job.dump_folder,
+            total_steps=training.steps,
+            flops_per_token=spec.flops_per_token(self.model_args, training.seq_len),
+            peak_flops=self.device_info.peak_flops,
+            device_type=self.device.type,
+            is_logging_rank=self.rank == 0,
+            num_devices=pd.world_size,
+        )
+
+    # ----------------------------------------------------------------------- setup
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def _init_distributed(self) -> torch.device:
+        info = self.device_info
+        if info.type == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device(info.type)
+        pd = self.parallel_dims
+        if pd.world_size > 1:
+            if not dist.is_initialized() and not self.hook.plait_init_process_group(config=self.config, device=info):
+                dist.init_process_group(
+                    backend=f"{device.type}:{info.backend}",
+                    timeout=timedelta(seconds=self.config.job.pg_timeout_seconds),
+                )
+            pd.build_mesh(device.type)
+            self.hook.plait_mesh_built(parallel_dims=pd, config=self.config)
+        return device
+
+    def _seed(self) -> None:
+        training = self.config.training
+        torch.manual_seed(training.seed)
+        if training.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+
+    def _check_vocab(self) -> None:
+        model_vocab = getattr(self.model_args, "vocab_size", None)
+        if model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model "
+                f"{self.spec.name}/{self.config.model.flavor} has a vocabulary of {model_vocab}: "
+                "use a tokenizer that fits the model (--data.tokenizer) or a matching flavor"
+            )
+
+    def _build_model(self) -> tuple[list[nn.Module], Any]:
+        config, spec, pd, hook = self.config, self.spec, self.parallel_dims, self.hook
+        with torch.device("meta"):
+            model = spec.build(self.model_args)
+        hook.plait_convert_model(model=model, config=config, model_spec=spec)
+        pipeline = hook.plait_pipeline_split(
+            model=model, config=config, parallel_dims=pd, model_spec=spec, device=self.device
+        )
+        parts = pipeline.model_parts if pipeline is not None else [model]
+        common = dict(config=config, parallel_dims=pd, model_spec=spec)
+        for part in parts:
+            hook.plait_apply_tensor_parallel(model=part, **common)
+            hook.plait_apply_expert_parallel(model=part, **common)
+            hook.plait_apply_context_parallel(model=part, **common)
+            apply_activation_checkpointing(part, config.activation_checkpoint, spec.block_container)
+            apply_compile(part, config.compile, spec.block_container)
+            hook.plait_apply_data_parallel(model=part, **common)
+            part.to_empty(device=self.device)
+            with torch.no_grad():
+                part.init_weights()
+            part.train()
+        n_params = sum(p.numel() for part in parts for p in part.parameters())
+        logger.info("model %s/%s: %s parameters", spec.name, config.model.flavor, f"{n_params:,}")
+        return parts, pipeline
+
+    def _load_hf_weights(self, hf_dir: str) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from plait.hf import load_hf_folder
+
+        if self.spec.hf_adapter is None:
+            raise ConfigError(f"model {self.spec.name!r} has no Hugging Face adapter; drop --model.hf_dir")
+        _, hf_state = load_hf_folder(hf_dir)
+        state = self.spec.hf_adapter.from_hf(hf_state, self.model_args)
+        options = StateDictOptions(full_state_dict=True, strict=len(self.model_parts) == 1)
+        for part in self.model_parts:
+            set_model_state_dict(part, state, options=options)
+        logger.info("initialized weights from %s", hf_dir)
+
+    # ----------------------------------------------------------------------- loop
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for inputs, labels in self.dataloader:
+            yield inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def train(self) -> TrainResult:
+        config, pd = self.config, self.parallel_dims
+        total_steps = config.training.steps
+        result = TrainResult(last_step=self.resumed_from)
+        if self.resumed_from:
+            logger.info("resumed from step %d", self.resumed_from)
+        tokens_per_step = self.grad_accumulation_steps * config.training.local_batch_size * config.training.seq_len
+        batches = self.batches()
+        with _StopRequest() as stop:
+            for step in range(self.resumed_from + 1, total_steps + 1):
+                start = time.perf_counter()
+                ctx = StepContext(
+                    step=step,
+                    config=config,
+                    parallel_dims=pd,
+                    model_parts=self.model_parts,
+                    optimizer=self.optimizer,
+                    lr_scheduler=self.lr_scheduler,
+                    loss_fn=self.loss_fn,
+                    grad_accumulation_steps=self.grad_accumulation_steps,
+                    pipeline=self.pipeline,
+                    batches=batches,
+                    hook=self.hook,
+                )
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.hook.plait_train_step(ctx=ctx)
+                loss = self._global_mean(ctx.results["loss"])
+                grad_norm = float(ctx.results["grad_norm"])
+                if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
+                    self._diverged(step, loss, grad_norm)
+                self.train_state.step = step
+                self.train_state.tokens_seen += tokens_per_step * pd.dp_degree
+                seconds = time.perf_counter() - start
+                metrics = self.metrics.record_step(
+                    step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step, seconds=seconds
+                )
+                if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
+                    self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
+                result.losses[step] = loss
+                result.last_step = step
+                stopping = self._agree(stop.requested)
+                self.checkpointer.save(step, force=step == total_steps or stopping)
+                if stopping:
+                    result.stopped_by_signal = True
+                    break
+        self.checkpointer.wait()
+        result.summary = self.metrics.summary()
+        return result
+
+    def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        from plait.checkpoint import list_checkpoints
+
+        self.checkpointer.wait()
+        folder = os.path.join(self.config.job.dump_folder, self.config.checkpoint.folder)
+        saved = list_checkpoints(folder) if os.path.isdir(folder) else []
+        last_good = f"step {saved[-1]} in {folder}" if saved else "none was saved yet"
+        raise TrainingDivergedError(
+            f"step {step}: loss is {loss} (grad norm {grad_norm}), so training stopped. The last good "
+            f"checkpoint ({last_good}) is intact. Lower --optimizer.lr, raise "
+            "--lr_scheduler.warmup_steps or --training.max_norm, or check the data, then resume."
+        )
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        """The loss averaged over data-parallel ranks (each holds the mean of its tokens)."""
+        mesh = self.parallel_dims.get_optional_mesh("dp_cp")
+        value = value.detach().float()
+        if mesh is None:
+            return value.item()
+        value = value.clone()
+        dist.all_reduce(value, group=mesh.get_group())
+        return value.item() / mesh.size()
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if any rank got a stop signal."""
+        if not dist.is_initialized():
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def clip_grad_norm_(
+    parameters: list[nn.Parameter], max_norm: float, pp_mesh: Any = None
+) -> torch.Tensor:
+    """Total L2 norm of all gradients (over shards and pipeline stages); clips if max_norm > 0."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if pp_mesh is not None:
+        total = total**2
+        dist.all_reduce(total, group=pp_mesh.get_group())
+        total = total**0.5
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+    return total
+
+
+def default_forward_backward(ctx: StepContext) -> torch.Tensor:
+    logits = ctx.model_parts[0](ctx.inputs)
+    loss = ctx.loss_fn(logits, ctx.labels) / ctx.grad_accumulation_steps
+    del logits
+    loss.backward()
+    loss = loss.detach()
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+
+def run_train_step(ctx: StepContext) -> None:
+    """One optimizer step: micro-batches with gradient accumulation, clipping, AdamW, LR."""
+    hook = ctx.hook
+    ctx.optimizer.zero_grad(set_to_none=True)
+    total_loss = None
+    for _ in range(ctx.grad_accumulation_steps):
+        ctx.inputs, ctx.labels = next(ctx.batches)
+        with contextlib.ExitStack() as stack:
+            for manager in hook.plait_train_context(config=ctx.config, parallel_dims=ctx.parallel_dims, ctx=ctx):
+                stack.enter_context(manager)
+            loss = hook.plait_forward_backward(ctx=ctx)
+            if loss is None:
+                loss = default_forward_backward(ctx)
+        total_loss = loss if total_loss is None else total_loss + loss
+    params = [p for part in ctx.model_parts for p in part.parameters()]
+    ctx.results["grad_norm"] = clip_grad_norm_(
+        params, ctx.config.training.max_norm, ctx.parallel_dims.get_optional_mesh("pp")
+    )
+    hook.plait_before_optimizer_step(ctx=ctx)
+    ctx.optimizer.step()
+    ctx.lr_scheduler.step()
+    hook.plait_after_optimizer_step(ctx=ctx)
+    ctx.results["loss"] = total_loss

@@ -1,0 +1,171 @@
+"""The Llama 3 decoder: token embedding, ``n_layers`` pre-norm blocks, final norm, LM head."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plait.errors import ConfigError
+from plait.nn import Attention, FeedForward, RMSNorm, RopeScaling, rope_cache, swiglu_hidden_dim
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelArgs:
+    """Llama 3 hyperparameters. Frozen: derive variants with ``dataclasses.replace``."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads."""
+    vocab_size: int = 128256
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None
+    """Explicit FFN width (used for HF import); None derives it from the three fields above."""
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_rope_scaling: bool = False
+    """Llama 3.1 frequency scaling of RoPE (long context)."""
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    max_seq_len: int = 2048
+    """Longest sequence the RoPE cache covers."""
+    tie_word_embeddings: bool = False
+    """Share the embedding matrix with the LM head (Llama 3.2 1B/3B)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """The resolved FFN width."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        return swiglu_hidden_dim(self.dim, multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier)
+
+    @property
+    def rope_scaling(self) -> RopeScaling | None:
+        if not self.use_rope_scaling:
+            return None
+        return RopeScaling(
+            factor=self.rope_scaling_factor,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
+            original_max_position_embeddings=self.rope_original_max_position_embeddings,
+        )
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"llama3: dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"llama3: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"llama3: head_dim = dim / n_heads ({self.head_dim}) must be even for RoPE")
+
+
+def count_parameters(args: ModelArgs, *, include_embedding: bool = True) -> int:
+    """Parameters of the model, counted from its args (the LM head is not an embedding)."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.kv_heads)
+    feed_forward = 3 * args.dim * args.ffn_dim
+    block = attention + feed_forward + 2 * args.dim
+    lm_head = args.vocab_size * args.dim
+    total = args.n_layers * block + args.dim + lm_head
+    if include_embedding and not args.tie_word_embeddings:
+        total += args.vocab_size * args.dim
+    return total
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(dim=args.dim, n_heads=args.n_heads, n_kv_heads=args.kv_heads)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=args.ffn_dim)
+        # Residual-path projections shrink with depth so deep stacks start stable.
+        self.out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
+
+    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std=0.02, out_std=self.out_std)
+        self.feed_forward.init_weights(std=0.02, out_std=self.out_std)
+
+
+class Transformer(nn.Module):
+    """``forward(tokens[B, S]) -> logits[B, S, vocab]``.
+
+    A pipeline stage may delete entries of ``layers`` and set ``tok_embeddings``,
+    ``norm`` or ``output`` to None; ``forward`` then takes and returns hidden states
+    where those modules are missing.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer(
+            "rope_cache", torch.empty(args.max_seq_len, 2 * args.head_dim, dtype=torch.float32), persistent=False
+        )
+        self._tie_weights()
+
+    def _tie_weights(self) -> None:
+        if self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:
+            if self.output.weight is not self.tok_embeddings.weight:
+                self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        # Moving or materializing (``to_empty``) replaces parameters one module at a time,
+        # which would silently untie a shared embedding / LM head; tie them again.
+        super()._apply(fn, recurse)
+        self._tie_weights()
+        return self
+
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer from the global torch RNG (call under no_grad)."""
+        self.rope_cache.copy_(
+            rope_cache(
+                self.args.head_dim,
+                self.args.max_seq_len,
+                theta=self.args.rope_theta,
+                scaling=self.args.rope_scaling,
+                device=self.rope_cache.device,
+            )
+        )
+        head_std = self.args.dim**-0.5
+        if self.tok_embeddings is not None:
+            # A tied matrix also serves as the LM head, so it takes the head's scale.
+            embedding_std = head_std if self.args.tie_word_embeddings else 1.0
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=embedding_std)
+        for layer in self.layers.values():
+            layer.init_weights()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=head_std, a=-3 * head_std, b=3 * head_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cache)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h

@@ -1,0 +1,120 @@
+"""The llama3 ``ModelSpec``: flavors, FLOPs, tensor-parallel plan, pipeline split points."""
+from __future__ import annotations
+
+from plait.errors import ConfigError
+from plait.model_spec import ModelSpec, TPPlan
+from plait_llama3.hf_adapter import Llama3HFAdapter
+from plait_llama3.model import ModelArgs, Transformer, count_parameters
+
+FLAVORS: dict[str, ModelArgs] = {
+    # Debug sizes use the embedded tokenizer's vocabulary (2048 tokens).
+    "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16, vocab_size=2048, rope_theta=500000.0),
+    "debugmodel_tiny": ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=64, rope_theta=500000.0
+    ),
+    # Published Llama 3.1 sizes (128K context through RoPE frequency scaling).
+    "8B": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        ffn_dim_multiplier=1.3,
+        multiple_of=1024,
+        rope_theta=500000.0,
+        use_rope_scaling=True,
+        max_seq_len=131072,
+    ),
+    "70B": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=128256,
+        ffn_dim_multiplier=1.3,
+        multiple_of=4096,
+        rope_theta=500000.0,
+        use_rope_scaling=True,
+        max_seq_len=131072,
+    ),
+    "405B": ModelArgs(
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        vocab_size=128256,
+        ffn_dim_multiplier=1.2,
+        multiple_of=4096,
+        rope_theta=500000.0,
+        use_rope_scaling=True,
+        max_seq_len=131072,
+    ),
+}
+
+TP_PLAN = TPPlan(
+    styles={
+        "tok_embeddings": "embedding",
+        "norm": "sequence_parallel",
+        "output": "output",
+        "layers.*.attention_norm": "sequence_parallel",
+        "layers.*.attention": "prepare_input",
+        "layers.*.attention.wq": "colwise",
+        "layers.*.attention.wk": "colwise",
+        "layers.*.attention.wv": "colwise",
+        "layers.*.attention.wo": "rowwise",
+        "layers.*.ffn_norm": "sequence_parallel",
+        "layers.*.feed_forward": "prepare_input",
+        "layers.*.feed_forward.w1": "colwise",
+        "layers.*.feed_forward.w3": "colwise",
+        "layers.*.feed_forward.w2": "rowwise",
+    },
+    divisible_by_tp=("n_heads", "kv_heads", "ffn_dim"),
+)
+
+
+def build_model(args: ModelArgs) -> Transformer:
+    return Transformer(args)
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Forward+backward FLOPs per token: 6 per non-embedding weight plus causal attention scores."""
+    weights = count_parameters(args, include_embedding=False)
+    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return float(6 * weights + attention)
+
+
+def pipeline_split_points(args: ModelArgs, num_stages: int) -> list[str]:
+    """First block of every stage after the first; earlier stages take one extra block
+    when ``n_layers`` does not divide evenly."""
+    if num_stages < 1:
+        raise ConfigError(f"llama3: the number of pipeline stages must be positive, got {num_stages}")
+    if num_stages > args.n_layers:
+        raise ConfigError(
+            f"llama3: cannot split {args.n_layers} layers into {num_stages} pipeline stages; "
+            f"use at most {args.n_layers} stages (--parallelism.pp and stages per rank) or a larger flavor"
+        )
+    if num_stages > 1 and args.tie_word_embeddings:
+        raise ConfigError(
+            "llama3: a model with tied embeddings (tie_word_embeddings) cannot be pipelined: the "
+            "embedding and the LM head would live on different stages; use --parallelism.pp 1"
+        )
+    base, extra = divmod(args.n_layers, num_stages)
+    points, start = [], 0
+    for stage in range(num_stages - 1):
+        start += base + (1 if stage < extra else 0)
+        points.append(f"layers.{start}")
+    return points
+
+
+def llama3_spec() -> ModelSpec:
+    return ModelSpec(
+        name="llama3",
+        flavors=FLAVORS,
+        build=build_model,
+        flops_per_token=flops_per_token,
+        block_container="layers",
+        tp_plan=TP_PLAN,
+        pipeline_split_points=pipeline_split_points,
+        cp_attention="sdpa",
+        hf_adapter=Llama3HFAdapter(),
+    )
