@@ -176,6 +176,15 @@ def setup_logging(rank: int) -> None:
 
 
 def train_command(argv: list[str]) -> int:
+    result = train(argv)
+    if result.stopped_by_signal:
+        logger.info("stopped at step %d on a signal; checkpoint saved, resume with the same command",
+                    result.last_step)
+    return 0
+
+
+def train(argv: list[str]):
+    """`plait train ARGV` in this process; returns the ``TrainResult`` (losses by step)."""
     manager, spec, config = resolve_train_config(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
@@ -186,13 +195,9 @@ def train_command(argv: list[str]) -> int:
 
     trainer = Trainer(config, manager, spec)
     try:
-        result = trainer.train()
+        return trainer.train()
     finally:
         trainer.close()
-    if result.stopped_by_signal:
-        logger.info("stopped at step %d on a signal; checkpoint saved, resume with the same command",
-                    result.last_step)
-    return 0
 
 
 def plugins_command(argv: list[str]) -> int:

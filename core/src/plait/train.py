@@ -84,11 +84,10 @@ def check_capabilities(config: JobConfig, parallel_dims: ParallelDims, plugins: 
             continue
         candidates = plugins.providers_of(degree_name)
         plugin = candidates[0] if candidates else DEGREE_PROVIDERS[degree_name]
-        enabled = ",".join([*(p for p in plugins.enabled if not p.startswith("plait.")), plugin])
         install = "" if candidates else f" Install it first: {_install_hint(plugin)}."
         raise ConfigError(
             f"--parallelism.{degree_name} {degree} needs a plugin that provides {degree_name!r}, "
-            f"and none is enabled: add --plugins {enabled}.{install}"
+            f"and none is enabled: add {plugin} to --plugins (e.g. --plugins {plugin}).{install}"
         )
 
 
@@ -324,7 +323,7 @@ class Trainer:
                 self.train_state.tokens_seen += tokens_per_step * pd.dp_degree
                 seconds = time.perf_counter() - start
                 metrics = self.metrics.record_step(
-                    step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step, seconds=seconds
+                    step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step * pd.dp_degree, seconds=seconds
                 )
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)

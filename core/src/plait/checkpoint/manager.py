@@ -1,0 +1,340 @@
+"""Saving and resuming a run: when to save, atomic visibility, async saves, resume.
+
+What a checkpoint holds and how it is read back is in ``contents``; the folder layout in
+``layout``; the safety of loading in ``safe_storage``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+from plait.checkpoint import contents, layout
+from plait.checkpoint.model_state import model_state, optimizer_state, set_model_state, set_optimizer_state
+from plait.checkpoint.plain_state import fingerprint, join_tensors, json_to_tensor, split_tensors, tensor_refs
+from plait.checkpoint.safe_storage import SafeFileSystemReader, describe, load_tensors, mismatch, root_cause
+from plait.config import CheckpointSection
+from plait.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# DCP warns on every single-process save and load, which is a normal way to run here.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized", category=UserWarning
+)
+
+_LR_SCHEDULER = "lr_scheduler"
+_RESERVED_NAMES = frozenset({"model", "optimizer", _LR_SCHEDULER})
+_STATE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+@dataclass(kw_only=True, slots=True)
+class _PendingSave:
+    step: int
+    future: Future[Any]
+    started: float
+    published: bool = False
+
+
+class CheckpointManager:
+    """Saves every ``config.interval`` steps into ``<dump_folder>/<config.folder>/step-<N>``
+    and resumes from the latest complete checkpoint (or ``config.load_step``).
+
+    ``states`` are extra objects (dataloader, train state, plugin state) whose state
+    dicts are plain data and tensors, identical on every rank; their tensors come back
+    on the CPU. Every rank must call ``load``, ``save``, ``wait`` and ``close`` at the
+    same points; the checkpoint folder must be shared by all ranks.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointSection,
+        *,
+        dump_folder: str,
+        model_parts: list[nn.Module],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Stateful | None,
+        states: dict[str, Stateful],
+    ) -> None:
+        for name in states:
+            if name in _RESERVED_NAMES or not _STATE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"checkpoint state name {name!r} must be a letter followed by letters, digits "
+                    f"or underscores, and not one of {sorted(_RESERVED_NAMES)}"
+                )
+        self.config = config
+        self.folder = os.path.join(dump_folder, config.folder)
+        self.model_parts = list(model_parts)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.states = dict(states)
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self._rank = dist.get_rank() if self._distributed else 0
+        # Async saves talk over their own gloo group: on the default group their
+        # collectives would race the training step's.
+        self._group = None
+        if config.enable and config.async_mode == "async" and self._distributed:
+            self._group = dist.new_group(backend="gloo")
+        self._pending: _PendingSave | None = None
+        self._last_step: int | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------- resume
+
+    def load(self) -> int:
+        """Load the checkpoint to resume from; returns its step, or 0 when there is none."""
+        if not self.config.enable:
+            return 0
+        available = self._from_rank0(layout.list_checkpoints(self.folder) if self._rank == 0 else None)
+        requested = self.config.load_step
+        if requested >= 0 and requested not in available:
+            raise ConfigError(
+                f"--checkpoint.load_step {requested}: there is no complete checkpoint of step "
+                f"{requested} in {self.folder}; available steps: "
+                f"{', '.join(map(str, available)) or 'none'}."
+            )
+        if requested < 0 and not available:
+            return 0
+        step = requested if requested >= 0 else available[-1]
+        started = time.monotonic()
+        self._load(layout.step_dir(self.folder, step))
+        self._last_step = step
+        logger.info("Resumed from checkpoint step %d in %.1f s", step, time.monotonic() - started)
+        return step
+
+    def _load(self, checkpoint_dir: str) -> None:
+        reader = SafeFileSystemReader(checkpoint_dir)
+        metadata = reader.read_metadata()
+        records = contents.load_records(checkpoint_dir, reader, metadata, process_group=self._group)
+        replicated = contents.replicated_entries(checkpoint_dir, records.pop(contents.REPLICATED_KEY))
+        saved_groups, saved_state = contents.merge_optimizer_records(checkpoint_dir, records.values())
+
+        entries = {name: replicated.get(name) for name in self._replicated_names()}
+        absent = [name for name, skeleton in entries.items() if skeleton is None]
+        if absent:
+            raise mismatch(
+                checkpoint_dir, f"it holds no state {absent[0]!r} (it holds: {', '.join(sorted(replicated))})"
+            )
+        replicated_tensors = {
+            key: contents.allocate(checkpoint_dir, metadata, key)
+            for skeleton in entries.values()
+            for key in tensor_refs(skeleton)
+        }
+        model = model_state(self.model_parts)
+        target_optimizer = optimizer_state(self.model_parts, self.optimizer)
+        optimizer_tensors = split_tensors(target_optimizer, key_prefix="optimizer").tensors
+        tensors = {
+            **{f"model.{fqn}": t for fqn, t in model.items()},
+            **optimizer_tensors,
+            **replicated_tensors,
+        }
+        contents.check_against_metadata(checkpoint_dir, metadata, tensors)
+        # Built before loading (it refers to the tensors that the load fills in place), so
+        # that a mismatch is found before anything in this run has been overwritten.
+        optimizer_to_apply = contents.optimizer_state_to_apply(
+            checkpoint_dir, target_optimizer, saved_groups, saved_state, optimizer_tensors
+        )
+        load_tensors(checkpoint_dir, reader, tensors, process_group=self._group)
+
+        set_model_state(self.model_parts, model)
+        set_optimizer_state(self.model_parts, self.optimizer, optimizer_to_apply)
+        for name, skeleton in entries.items():
+            self._replicated_object(name).load_state_dict(join_tensors(skeleton, replicated_tensors))
+
+    # ---------------------------------------------------------------- save
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        """Save at multiples of ``config.interval``, or now when ``force``; a no-op when
+        checkpointing is disabled or ``step`` was just saved or loaded."""
+        if self._closed:
+            raise RuntimeError("CheckpointManager.save() called after close()")
+        if not self.config.enable:
+            return
+        self._publish_if_done()
+        if step == self._last_step or not (force or step % self.config.interval == 0):
+            return
+        self.wait()
+        if self._rank == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            layout.remove_leftovers(self.folder)
+        self._barrier()  # nobody writes into the folder before the leftovers are gone
+        started = time.monotonic()
+        to_save = self._state_to_save()
+        writer = dcp.FileSystemWriter(layout.partial_dir(self.folder, step))
+        future: Future[Any]
+        try:
+            if self.config.async_mode == "async":
+                response = dcp.async_save(
+                    to_save, storage_writer=writer, process_group=self._group, no_dist=not self._distributed
+                )
+                future = response.upload_completion if isinstance(response, AsyncSaveResponse) else response
+            else:
+                future = Future()
+                dcp.save(
+                    to_save, storage_writer=writer, process_group=self._group, no_dist=not self._distributed
+                )
+                future.set_result(None)
+        except (Exception, CheckpointException) as error:
+            raise self._save_failed(step, error) from None
+        self._pending = _PendingSave(step=step, future=future, started=started)
+        self._last_step = step
+        if self.config.async_mode != "async":
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and visible (on every rank)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error: CheckpointError | None = None
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as failure:
+            error = self._save_failed(pending.step, failure)
+        else:
+            if self._rank == 0 and not pending.published:
+                try:
+                    self._publish(pending)
+                except OSError as failure:
+                    error = CheckpointError(
+                        f"Checkpoint step {pending.step} was written to "
+                        f"{layout.partial_dir(self.folder, pending.step)} but could not be renamed to "
+                        f"{layout.step_dir(self.folder, pending.step)}: {failure}. Check the folder's "
+                        f"permissions and free space; the earlier checkpoints are intact."
+                    )
+        self._barrier()
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Finish the save in flight and release the checkpoint process group."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._group is not None:
+                dist.destroy_process_group(self._group)
+                self._group = None
+
+    def _state_to_save(self) -> dict[str, torch.Tensor]:
+        to_save = {f"model.{fqn}": tensor for fqn, tensor in model_state(self.model_parts).items()}
+        optimizer = split_tensors(optimizer_state(self.model_parts, self.optimizer), key_prefix="optimizer")
+        to_save.update(optimizer.tensors)
+        replicated = {
+            name: split_tensors(self._replicated_object(name).state_dict(), key_prefix=name)
+            for name in self._replicated_names()
+        }
+        for split in replicated.values():
+            to_save.update(split.tensors)
+        to_save[contents.REPLICATED_KEY] = json_to_tensor(
+            {
+                "format": contents.FORMAT,
+                "entries": {name: split.skeleton for name, split in replicated.items()},
+            }
+        )
+
+        # One exchange of digests: replicated states must agree across ranks (DCP keeps
+        # one copy), and ranks with the same optimizer record write it only once.
+        optimizer_digest = hashlib.sha256(json.dumps(optimizer.skeleton, allow_nan=True).encode()).hexdigest()
+        digests = self._all_gather(
+            {
+                "optimizer": optimizer_digest,
+                **{name: fingerprint(split) for name, split in replicated.items()},
+            }
+        )
+        for name in replicated:
+            if len({d[name] for d in digests}) > 1:
+                raise CheckpointError(
+                    f"Cannot checkpoint state {name!r}: its state dict differs between ranks, but "
+                    f"checkpointed states must be identical on every rank. Make its state_dict() "
+                    f"return the same data everywhere (gather per-rank parts into it)."
+                )
+        if optimizer_digest not in [d["optimizer"] for d in digests[: self._rank]]:
+            to_save[f"{contents.OPTIMIZER_RECORD_PREFIX}{self._rank}"] = json_to_tensor(optimizer.skeleton)
+        return to_save
+
+    def _publish_if_done(self) -> None:
+        """Make a finished async save visible without waiting (rank 0, no collectives)."""
+        pending = self._pending
+        if pending is None or pending.published or not pending.future.done():
+            return
+        if pending.future.exception() is not None:
+            return  # reported by wait()
+        if self._rank == 0:
+            try:
+                self._publish(pending)
+            except OSError:
+                return  # retried and reported by wait()
+        pending.published = True
+
+    def _publish(self, pending: _PendingSave) -> None:
+        layout.publish(
+            layout.partial_dir(self.folder, pending.step), layout.step_dir(self.folder, pending.step)
+        )
+        pending.published = True
+        layout.purge(self.folder, keep_latest_k=self.config.keep_latest_k, keep_step=pending.step)
+        logger.info(
+            "Saved checkpoint step %d to %s in %.1f s",
+            pending.step,
+            layout.step_dir(self.folder, pending.step),
+            time.monotonic() - pending.started,
+        )
+
+    def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
+        cause = root_cause(error)
+        if isinstance(cause, CheckpointError):
+            return cause
+        return CheckpointError(
+            f"Saving checkpoint step {step} to {layout.partial_dir(self.folder, step)} failed "
+            f"({describe(cause)}). The earlier checkpoints are intact; the unfinished folder is "
+            f"ignored and removed at the next save. Check free space and permissions of {self.folder}."
+        )
+
+    # ---------------------------------------------------------------- helpers
+
+    def _replicated_names(self) -> list[str]:
+        return ([_LR_SCHEDULER] if self.lr_scheduler is not None else []) + list(self.states)
+
+    def _replicated_object(self, name: str) -> Stateful:
+        return self.lr_scheduler if name == _LR_SCHEDULER else self.states[name]  # type: ignore[return-value]
+
+    def _barrier(self) -> None:
+        if self._distributed:
+            dist.barrier(group=self._group)
+
+    def _all_gather(self, value: Any) -> list[Any]:
+        if not self._distributed:
+            return [value]
+        gathered: list[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(gathered, value, group=self._group)
+        return gathered
+
+    def _from_rank0(self, value: Any) -> Any:
+        if not self._distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]

@@ -1,0 +1,134 @@
+"""The tokenizer: a Hugging Face ``tokenizers`` file plus its begin/end-of-text ids."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+
+from plait.errors import ConfigError
+
+BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+
+
+class Tokenizer:
+    """Text <-> token ids. ``encode`` adds no special tokens, and special-token strings
+    that appear inside a text (say a literal ``<|end_of_text|>``) are encoded as plain
+    text: only the data loader places bos/eos, framing each document as
+    ``bos + tokens + eos``."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int, eos_id: int, name: str) -> None:
+        backend.encode_special_tokens = True
+        self.backend = backend
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.name = name
+        # Ids may have holes (added tokens past the base vocabulary); the model's
+        # embedding must cover the largest id.
+        self.vocab_size: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once, in parallel in native code."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+
+
+def build_tokenizer(path: str = "") -> Tokenizer:
+    """The embedded tokenizer for ``""``; otherwise a ``tokenizer.json`` file or a folder
+    holding one (such as a downloaded Hugging Face model folder)."""
+    if not path:
+        from plait.data.embedded import embedded_tokenizer
+
+        return embedded_tokenizer()
+    return load_tokenizer_file(path)
+
+
+def load_tokenizer_file(path: str) -> Tokenizer:
+    file = _resolve_tokenizer_file(Path(path).expanduser())
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as error:  # the library raises bare Exceptions for malformed files
+        raise ConfigError(
+            f"--data.tokenizer {path}: {file} is not a valid Hugging Face tokenizers file ({error}). "
+            "Pass a tokenizer.json saved by the `tokenizers` or `transformers` library, "
+            "or leave --data.tokenizer empty for the embedded tokenizer."
+        ) from None
+    bos_id, eos_id = _special_ids(backend, declared=_declared_special_tokens(file.parent), where=str(file))
+    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, name=str(file))
+
+
+def tokenizer_from_json(text: str, *, name: str) -> Tokenizer:
+    backend = tokenizers.Tokenizer.from_str(text)
+    bos_id, eos_id = _special_ids(backend, declared={}, where=name)
+    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, name=name)
+
+
+def _resolve_tokenizer_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidate = path / "tokenizer.json"
+        if candidate.is_file():
+            return candidate
+        hint = ""
+        if (path / "tokenizer.model").is_file():
+            hint = (
+                " It holds a sentencepiece tokenizer.model: convert it once with "
+                "`transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`, "
+                "which writes tokenizer.json."
+            )
+        raise ConfigError(f"--data.tokenizer {path}: the folder holds no tokenizer.json.{hint}")
+    raise ConfigError(
+        f"--data.tokenizer {path}: no such file or folder. Pass a tokenizer.json file or a folder "
+        "holding one, or leave --data.tokenizer empty for the embedded tokenizer."
+    )
+
+
+def _declared_special_tokens(folder: Path) -> dict[str, str]:
+    """bos/eos named by a tokenizer_config.json next to the tokenizer, if any."""
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    declared = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            declared[key] = value
+    return declared
+
+
+def _special_ids(backend: tokenizers.Tokenizer, *, declared: dict[str, str], where: str) -> tuple[int, int]:
+    def find(key: str, names: tuple[str, ...]) -> int | None:
+        for name in (declared.get(key), *names):
+            if name is not None and (token_id := backend.token_to_id(name)) is not None:
+                return token_id
+        return None
+
+    eos_id = find("eos_token", EOS_NAMES)
+    if eos_id is None:
+        special = [token.content for token in backend.get_added_tokens_decoder().values() if token.special]
+        raise ConfigError(
+            f"tokenizer {where} has no end-of-text token (looked for {', '.join(EOS_NAMES)}; "
+            f"its special tokens are {special or 'none'}). Add one of them as a special token, "
+            "or name it as eos_token in a tokenizer_config.json next to the tokenizer.json."
+        )
+    bos_id = find("bos_token", BOS_NAMES)
+    # Tokenizers without a begin-of-text token separate documents by eos alone.
+    return (eos_id if bos_id is None else bos_id), eos_id

@@ -1,0 +1,250 @@
+"""Hugging Face checkpoint folders: read, write, and load into a registered model.
+
+A folder holds ``config.json`` and the weights as safetensors: either one
+``model.safetensors`` or shards listed by ``model.safetensors.index.json``. Names,
+configs and tensor layouts are converted by the model spec's ``hf_adapter``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from plait.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from plait.model_spec import HFAdapter, ModelSpec
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+_EXPECTED = f"a Hugging Face model folder with {CONFIG_FILE} and either {SINGLE_FILE} or {INDEX_FILE} plus its shards"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); expected {_EXPECTED}") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f"{index_path} has no 'weight_map'; expected {_EXPECTED}")
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [shard.name for shard in shards if not shard.is_file()]
+        if absent:
+            raise ConfigError(f"{folder} lacks the shard(s) {', '.join(absent)} listed in {INDEX_FILE}")
+        return shards
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    hint = ""
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
+        hint = " (it holds .bin/.pth weights: re-save them as safetensors with save_pretrained)"
+    raise ConfigError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}{hint}; expected {_EXPECTED}")
+
+
+def load_hf_folder(hf_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read ``config.json`` and every tensor of an HF folder (on CPU, dtypes as stored)."""
+    from safetensors.torch import load_file
+
+    folder = Path(hf_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"HF checkpoint folder {folder} does not exist; expected {_EXPECTED}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"{folder} has no {CONFIG_FILE}; expected {_EXPECTED}")
+    hf_config = _read_json(folder / CONFIG_FILE)
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{folder / CONFIG_FILE} must hold a JSON object; expected {_EXPECTED}")
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in _weight_files(folder):
+        try:
+            state_dict.update(load_file(shard))
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {shard}: {error}") from error
+    return hf_config, state_dict
+
+
+def _plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(tensor, "full_tensor", None)  # a DTensor from a sharded model
+    if full_tensor is not None:
+        tensor = full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def _shard(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    return shards
+
+
+def save_hf_folder(
+    out_dir: str | os.PathLike[str],
+    hf_config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write ``config.json`` and the tensors as safetensors, sharded with an index when
+    they exceed ``max_shard_bytes``, in the layout ``from_pretrained`` of transformers reads.
+
+    ``out_dir`` must be new or empty, so that no stale shard is ever mixed in.
+    """
+    from safetensors.torch import save_file
+
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    folder = Path(out_dir)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"{folder} already exists and is not an empty folder; choose a new output folder")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for name, tensor in state_dict.items():
+        tensor = _plain_tensor(tensor)
+        if tensor.untyped_storage().data_ptr() in seen_storage:  # safetensors refuses shared memory
+            tensor = tensor.clone()
+        seen_storage.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+
+    config = dict(hf_config)
+    floating = [t for t in tensors.values() if t.is_floating_point()]
+    if floating and "dtype" not in config and "torch_dtype" not in config:
+        config["dtype"] = str(floating[0].dtype).removeprefix("torch.")
+
+    shards = _shard(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
+    else:
+        weight_map: dict[str, str] = {}
+        for number, shard in enumerate(shards, start=1):
+            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / file_name, metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, file_name))
+        total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _adapter(spec: ModelSpec) -> HFAdapter:
+    if spec.hf_adapter is None:
+        raise ConfigError(f"model {spec.name!r} has no Hugging Face adapter; it cannot read or write HF checkpoints")
+    return spec.hf_adapter
+
+
+def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:
+    if not overrides:
+        return args
+    known = {f.name for f in dataclasses.fields(args)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown model argument(s) {', '.join(unknown)}; valid ones: {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(args, **overrides)
+
+
+def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    mismatched = [
+        f"{name} {tuple(tensor.shape)} vs {tuple(expected[name].shape)}"
+        for name, tensor in state_dict.items()
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape)
+    ]
+    if mismatched:
+        raise CheckpointError(f"{source}: tensor shapes differ from the model's: " + "; ".join(mismatched[:5]))
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: state dict mismatch; missing: {missing[:5]}; unexpected: {unexpected[:5]}")
+    model.load_state_dict(state_dict)
+
+
+def from_pretrained(
+    model_name: str,
+    hf_dir: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    **arg_overrides: Any,
+) -> nn.Module:
+    """Build ``model_name`` from an HF folder: fp32, eval mode, on ``device``.
+
+    ``arg_overrides`` replace fields of the model args read from ``config.json``
+    (e.g. ``max_seq_len=4096`` for a shorter RoPE cache).
+    """
+    import torch
+
+    from plait.plugins import load_model_spec
+
+    spec = load_model_spec(model_name)
+    adapter = _adapter(spec)
+    hf_config, hf_state_dict = load_hf_folder(hf_dir)
+    architectures = hf_config.get("architectures") or []
+    if architectures and not set(architectures) & set(adapter.hf_architectures):
+        raise ConfigError(
+            f"{hf_dir} holds a {', '.join(architectures)} checkpoint; model {model_name!r} reads "
+            f"{', '.join(adapter.hf_architectures)}"
+        )
+    args = _with_overrides(adapter.args_from_hf_config(hf_config), arg_overrides)
+
+    with torch.device("meta"):
+        model = spec.build(args)
+    model.to_empty(device=device)
+    # init_weights also fills buffers that no checkpoint holds (e.g. RoPE tables); keep
+    # the caller's RNG stream untouched by it.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.init_weights()
+    state_dict = {name: tensor.float() for name, tensor in adapter.from_hf(hf_state_dict, args).items()}
+    _load_into(model, state_dict, str(hf_dir))
+    return model.float().eval()
+
+
+def export_checkpoint_to_hf(
+    checkpoint_dir: str | os.PathLike[str],
+    spec: ModelSpec,
+    args: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write the model weights of a plait (DCP) checkpoint as an HF folder.
+
+    ``dtype`` casts floating tensors (e.g. ``torch.bfloat16``); None keeps the stored fp32.
+    """
+    import torch
+
+    from plait.checkpoint import load_model_state
+
+    adapter = _adapter(spec)
+    with torch.device("meta"):
+        model = spec.build(args)
+    model.to_empty(device="cpu")
+    state_dict = model.state_dict()
+    load_model_state(str(checkpoint_dir), state_dict)
+    hf_state_dict = adapter.to_hf(state_dict, args)
+    if dtype is not None:
+        hf_state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in hf_state_dict.items()}
+    save_hf_folder(out_dir, adapter.hf_config_from_args(args), hf_state_dict, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,450 @@
+"""Training metrics: one console line per logged step, TensorBoard scalars, a progress
+line with ETA, and a steady-state summary for benchmark scripts.
+
+Throughput is reported per device and per step: ``tps`` is the tokens the whole job
+consumed in the step divided by the step's seconds and by the number of devices, so a
+slow first step (compilation, warm-up) shows as slow instead of being averaged away.
+``summary()`` gives the steady-state averages with the first steps left out.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from plait.config import MetricsSection
+
+logger = logging.getLogger("plait")
+
+GIB = 2**30
+
+#: Scalar names in TensorBoard for the keys of ``record_step``'s result; extra keys keep their name.
+TENSORBOARD_NAMES = {
+    "loss": "loss",
+    "grad_norm": "grad_norm",
+    "lr": "lr",
+    "tps": "throughput/tps",
+    "tflops": "throughput/tflops",
+    "mfu": "throughput/mfu",
+    "memory/peak_gib": "memory/peak_gib",
+}
+
+_CLEAR_LINE = "\r\x1b[K"
+_RESET = "\x1b[0m"
+_BOLD = "\x1b[1m"
+_CYAN = "\x1b[36m"
+_YELLOW = "\x1b[33m"
+_GREEN = "\x1b[32m"
+_MAGENTA = "\x1b[35m"
+_BLUE = "\x1b[34m"
+
+
+# ---------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------
+
+
+def peak_memory_bytes(device_type: str) -> int:
+    """Peak memory of this process on ``device_type`` since start or the last reset.
+
+    cpu: peak resident set size of the process; cuda (also ROCm builds): peak bytes
+    allocated by the caching allocator; other accelerators through ``torch.accelerator``.
+    Returns 0 where the platform cannot report it.
+    """
+    if device_type == "cpu":
+        try:
+            import resource
+        except ImportError:  # Windows
+            return 0
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(max_rss if sys.platform == "darwin" else max_rss * 1024)
+    import torch
+
+    if device_type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    if _accelerator_is(device_type):
+        return int(torch.accelerator.max_memory_allocated())
+    return 0
+
+
+def reset_peak_memory(device_type: str) -> None:
+    """Start a new peak-memory window for ``peak_memory_bytes``.
+
+    On CPU this needs Linux (``/proc/self/clear_refs``); elsewhere the CPU peak stays
+    the peak since the process started.
+    """
+    if device_type == "cpu":
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # 5 = reset the peak resident set size
+        except OSError:
+            pass
+        return
+    import torch
+
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif _accelerator_is(device_type):
+        torch.accelerator.reset_peak_memory_stats()
+
+
+def _accelerator_is(device_type: str) -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None or not accelerator.is_available():
+        return False
+    current = accelerator.current_accelerator()
+    return current is not None and current.type == device_type
+
+
+# ---------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``4m05s``, ``2h03m``: short enough for a progress line."""
+    if not math.isfinite(seconds):
+        return "?"
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    return f"{total // 3600}h{total % 3600 // 60:02d}m"
+
+
+def format_rate(steps_per_second: float) -> str:
+    """Steps per second, or seconds per step when a step takes longer than a second."""
+    if not math.isfinite(steps_per_second) or steps_per_second <= 0:
+        return "? steps/s"
+    if steps_per_second >= 1:
+        return f"{steps_per_second:.2f} steps/s"
+    return f"{1 / steps_per_second:.2f} s/step"
+
+
+def format_step_line(step: int, metrics: dict[str, float], *, step_width: int, color: bool) -> str:
+    """The console line of one step: fixed-width fields so that consecutive lines align."""
+
+    def paint(text: str, code: str) -> str:
+        return f"{code}{text}{_RESET}" if color else text
+
+    loss, grad_norm, tps = metrics["loss"], metrics["grad_norm"], metrics["tps"]
+    fields = [
+        "step " + paint(f"{step:>{step_width}d}", _BOLD),
+        "loss " + paint(f"{loss:7.4f}", _CYAN),
+        "grad_norm " + paint(f"{grad_norm:6.3f}", _YELLOW),
+        f"lr {metrics['lr']:.2e}",
+        "tps " + paint(f"{tps:>9,.0f}", _GREEN),
+        f"tflops {metrics['tflops']:6.2f}",
+    ]
+    if "mfu" in metrics:
+        fields.append("mfu " + paint(f"{metrics['mfu']:5.2f}%", _MAGENTA))
+    fields.append("mem " + paint(f"{metrics['memory/peak_gib']:5.2f}GiB", _BLUE))
+    fields.extend(f"{key} {value:.4g}" for key, value in metrics.items() if key not in TENSORBOARD_NAMES)
+    return "  ".join(fields)
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty is not None and isatty())
+    except ValueError:  # closed stream
+        return False
+
+
+def _logger_writes_to_terminal(log: logging.Logger) -> bool:
+    """True when every handler that would print ``log``'s records writes to a terminal."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    found_handler = False
+    current: logging.Logger | None = log
+    while current is not None:
+        for handler in current.handlers:
+            found_handler = True
+            if isinstance(handler, logging.FileHandler) or not isinstance(handler, logging.StreamHandler):
+                return False
+            if not _is_terminal(handler.stream):
+                return False
+        if not current.propagate:
+            break
+        current = current.parent
+    # Without handlers, logging's last resort prints to stderr.
+    return found_handler or _is_terminal(sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Progress line
+# ---------------------------------------------------------------------------
+
+
+class ProgressLine:
+    """Step/total, percent, rate and ETA for long runs.
+
+    On a terminal it is one line redrawn in place with a carriage return, at most every
+    ``min_redraw_seconds``; ``hide()`` clears it so that a log line prints above it, and
+    the next ``update()`` or ``show()`` draws it again. On any other stream it prints a
+    plain line each time the run passes another tenth of its steps.
+
+    The rate counts only the steps after the first one seen (which is usually slow)
+    and uses wall time, so pauses for checkpoints and validation are in the ETA.
+    """
+
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        stream: TextIO,
+        clock: Callable[[], float] = time.monotonic,
+        min_redraw_seconds: float = 0.1,
+    ) -> None:
+        self.total_steps = total_steps
+        self.stream = stream
+        self.interactive = _is_terminal(stream)
+        self._clock = clock
+        self._min_redraw_seconds = min_redraw_seconds
+        self._first_step: int | None = None
+        self._first_time = 0.0
+        self._first_step_seconds = 0.0
+        self._text = ""
+        self._visible = False
+        self._last_draw = -math.inf
+        self._next_tenth = 1
+
+    def update(self, step: int, *, step_seconds: float) -> None:
+        now = self._clock()
+        if self._first_step is None:
+            self._first_step, self._first_time, self._first_step_seconds = step, now, step_seconds
+        self._text = self._describe(step, now)
+        if self.interactive:
+            due = now - self._last_draw >= self._min_redraw_seconds
+            if due or not self._visible or step >= self.total_steps:
+                self._draw(now)
+        elif step * 10 >= self._next_tenth * self.total_steps:
+            self._write(f"progress {self._text}\n")
+            self._next_tenth = step * 10 // self.total_steps + 1
+
+    def hide(self) -> None:
+        if self._visible:
+            self._write(_CLEAR_LINE)
+            self._visible = False
+
+    def show(self) -> None:
+        if self.interactive and self._text and not self._visible:
+            self._draw(self._clock())
+
+    def close(self) -> None:
+        """Leave the last state on its own line."""
+        if self._visible:
+            self._write("\n")
+            self._visible = False
+        self._text = ""
+
+    def steps_per_second(self, step: int, now: float) -> float:
+        assert self._first_step is not None
+        elapsed = now - self._first_time
+        if step > self._first_step and elapsed > 0:
+            return (step - self._first_step) / elapsed
+        return 1 / self._first_step_seconds if self._first_step_seconds > 0 else math.nan
+
+    def _describe(self, step: int, now: float) -> str:
+        rate = self.steps_per_second(step, now)
+        remaining = max(0, self.total_steps - step)
+        eta = remaining / rate if rate > 0 else math.nan
+        percent = 100 * step // self.total_steps
+        width = len(str(self.total_steps))
+        return (
+            f"step {step:>{width}d}/{self.total_steps}  {percent:3d}%  "
+            f"{format_rate(rate)}  ETA {format_duration(eta)}"
+        )
+
+    def _draw(self, now: float) -> None:
+        text = self._text
+        columns = _terminal_columns(self.stream)
+        if columns is not None and len(text) >= columns:
+            text = text[: max(0, columns - 1)]
+        self._write(_CLEAR_LINE + text)
+        self._visible = True
+        self._last_draw = now
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def _terminal_columns(stream: Any) -> int | None:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Metrics processor
+# ---------------------------------------------------------------------------
+
+
+class MetricsProcessor:
+    """Turns the numbers of each optimizer step into metrics, logs and charts them.
+
+    ``tokens`` given to ``record_step`` are the tokens the whole job consumed in the
+    step (all data-parallel ranks); ``num_devices`` is the number of devices in the
+    job, so ``tps`` is per device. ``peak_flops`` is one device's peak FLOP/s; 0 or
+    less means unknown and leaves ``mfu`` out. Only the logging rank prints, draws
+    the progress line and writes TensorBoard events; every rank gets the metrics.
+    """
+
+    def __init__(
+        self,
+        config: MetricsSection,
+        *,
+        dump_folder: str,
+        total_steps: int,
+        flops_per_token: float,
+        peak_flops: float,
+        device_type: str,
+        is_logging_rank: bool = True,
+        num_devices: int = 1,
+        progress_stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        config.validate()
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        if num_devices <= 0:
+            raise ValueError(f"num_devices must be positive, got {num_devices}")
+        self.config = config
+        self.total_steps = total_steps
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.device_type = device_type
+        self.is_logging_rank = is_logging_rank
+        self.num_devices = num_devices
+        self.tensorboard_dir = os.path.join(dump_folder, config.tensorboard_folder)
+        self._step_width = len(str(total_steps))
+        self._tokens = array("d")
+        self._seconds = array("d")
+        self._peak_gib = 0.0
+        self._writer = self._open_tensorboard() if is_logging_rank and config.enable_tensorboard else None
+        self.progress = self._open_progress(progress_stream, clock) if is_logging_rank else None
+
+    def _open_tensorboard(self) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=self.tensorboard_dir)
+
+    def _open_progress(self, stream: TextIO | None, clock: Callable[[], float]) -> ProgressLine | None:
+        stream = sys.stderr if stream is None else stream
+        mode = self.config.progress
+        if mode == "off" or (mode == "auto" and not _is_terminal(stream)):
+            return None
+        progress = ProgressLine(total_steps=self.total_steps, stream=stream, clock=clock)
+        if progress.interactive:
+            # Any record of the plait logger clears the line first; the next step redraws it.
+            logger.addFilter(self._clear_progress_before_log)
+        return progress
+
+    def _clear_progress_before_log(self, record: logging.LogRecord) -> bool:
+        if self.progress is not None:
+            self.progress.hide()
+        return True
+
+    def record_step(
+        self,
+        step: int,
+        *,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        tokens: int,
+        seconds: float,
+        extra: dict[str, float] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of optimizer step ``step`` (1-based); logged every ``log_freq`` steps and at the last."""
+        if seconds <= 0:
+            raise ValueError(f"step {step}: seconds must be positive, got {seconds}")
+        tps = tokens / seconds / self.num_devices
+        peak_gib = peak_memory_bytes(self.device_type) / GIB
+        metrics = {
+            "loss": float(loss),
+            "grad_norm": float(grad_norm),
+            "lr": float(lr),
+            "tps": tps,
+            "tflops": self.flops_per_token * tps / 1e12,
+        }
+        if self.peak_flops > 0:
+            metrics["mfu"] = 100 * self.flops_per_token * tps / self.peak_flops
+        metrics["memory/peak_gib"] = peak_gib
+        for key, value in (extra or {}).items():
+            if key in metrics:
+                raise ValueError(f"extra metric {key!r} collides with a built-in metric; rename it")
+            metrics[key] = float(value)
+
+        self._tokens.append(float(tokens))
+        self._seconds.append(float(seconds))
+        self._peak_gib = max(self._peak_gib, peak_gib)
+
+        if self.is_logging_rank and (step % self.config.log_freq == 0 or step == self.total_steps):
+            color = _logger_writes_to_terminal(logger)
+            # Printed above the progress line, which the update below draws again.
+            logger.info(format_step_line(step, metrics, step_width=self._step_width, color=color))
+            if self._writer is not None:
+                for key, value in metrics.items():
+                    self._writer.add_scalar(TENSORBOARD_NAMES.get(key, key), value, global_step=step)
+                self._writer.flush()
+        if self.progress is not None:
+            self.progress.update(step, step_seconds=seconds)
+        return metrics
+
+    def log_text(self, msg: str, *, level: int = logging.INFO) -> None:
+        """A message through the console logger, printed above the progress line (logging rank only)."""
+        if self.is_logging_rank:
+            logger.log(level, msg)
+            if self.progress is not None:
+                self.progress.show()
+
+    def summary(self, warmup: int = 2) -> dict[str, float]:
+        """Steady-state averages over the recorded steps after the first ``warmup`` ones.
+
+        ``tps`` is total tokens over total seconds of those steps, per device; means are
+        NaN when no step is left after the warm-up.
+        """
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        steady_tokens = sum(self._tokens[warmup:])
+        steady_seconds = sum(self._seconds[warmup:])
+        steady_steps = max(0, len(self._seconds) - warmup)
+        tps = steady_tokens / steady_seconds / self.num_devices if steady_steps else math.nan
+        result = {
+            "steps": float(len(self._seconds)),
+            "steady_steps": float(steady_steps),
+            "first_step_seconds": self._seconds[0] if self._seconds else math.nan,
+            "step_seconds": steady_seconds / steady_steps if steady_steps else math.nan,
+            "tps": tps,
+            "tflops": self.flops_per_token * tps / 1e12,
+        }
+        if self.peak_flops > 0:
+            result["mfu"] = 100 * self.flops_per_token * tps / self.peak_flops
+        result["memory/peak_gib"] = self._peak_gib
+        return result
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer and finish the progress line. Safe to repeat."""
+        if self.progress is not None:
+            self.progress.close()
+            logger.removeFilter(self._clear_progress_before_log)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsProcessor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from plait.config import LRSchedulerSection, OptimizerSection
+from plait.optim import build_lr_scheduler, build_optimizer, lr_factor
+
+
+def factors(steps, **kw):
+    section = LRSchedulerSection(**kw)
+    return [lr_factor(s, total_steps=steps, section=section) for s in range(steps)]
+
+
+def test_warmup_stable_decay_shape():
+    f = factors(10, warmup_steps=2, decay_ratio=0.5, decay_type="linear")
+    assert f[:2] == pytest.approx([1 / 3, 2 / 3])
+    assert f[2:6] == [1.0, 1.0, 1.0, 1.0]  # 8 steps after warmup, half of them decay
+    assert f[6:] == pytest.approx([1 - 1 / 5, 1 - 2 / 5, 1 - 3 / 5, 1 - 4 / 5])
+    assert all(x > 0 for x in f)
+
+
+@pytest.mark.parametrize("kind", ["linear", "sqrt", "cosine"])
+def test_decay_is_monotonic_and_floored(kind):
+    f = factors(50, warmup_steps=5, decay_type=kind, min_lr_factor=0.1)
+    tail = f[5:]
+    assert all(a >= b for a, b in zip(tail, tail[1:]))
+    assert min(tail) >= 0.1
+
+
+def test_scheduler_drives_optimizer_lr():
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(OptimizerSection(lr=1e-2), [model])
+    sched = build_lr_scheduler(LRSchedulerSection(warmup_steps=3), opt, total_steps=10)
+    seen = []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[:3] == pytest.approx([1e-2 / 4, 2e-2 / 4, 3e-2 / 4])
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(OptimizerSection(weight_decay=0.1), [model])
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}

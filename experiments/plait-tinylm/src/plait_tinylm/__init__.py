@@ -1,0 +1,1 @@
+"""An out-of-tree plait model package (see README.md)."""
