@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nox
@@ -71,10 +71,10 @@ class Package:
     has_test_extra: bool = False
     problem: str = ""
     """Why its pyproject.toml could not be read; its sessions report it."""
-    session: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "session", Path(self.folder).name)
+    @property
+    def session(self) -> str:
+        return Path(self.folder).name
 
     def spec(self, *, with_tests: bool) -> str:
         extra = "[test]" if with_tests and self.has_test_extra else ""
@@ -111,6 +111,7 @@ def discover() -> list[Package]:
 PACKAGES = discover()
 BY_NAME = {package.name: package for package in PACKAGES if package.name}
 CORE = next(package for package in PACKAGES if package.folder == "core")
+CROSS_PACKAGE_TESTS = ["tests"] if (ROOT / "tests").is_dir() else []
 
 
 def require_readable(session: nox.Session, packages: list[Package]) -> None:
@@ -144,7 +145,8 @@ def install_torch(session: nox.Session, backend: str) -> list[str]:
     """Install torch from the backend's constraints; returns the ``-c`` arguments that
     every later install must pass."""
     constraints = ["-c", f"constraints/{backend}.txt"]
-    session.install("torch", *constraints)
+    # --no-compile halves the install time; imports write the bytecode they need.
+    session.install("--no-compile", "torch", *constraints)
     check = TORCH_CHECKS[backend]
     session.run("python", "-c", f"import torch; print('torch', torch.__version__); {check}")
     return constraints
@@ -157,7 +159,7 @@ def run_pytest(session: nox.Session, *paths: str, rootdir: str | None = None) ->
     session.run("pytest", *options, *paths, *session.posargs, success_codes=[0, PYTEST_NO_TESTS_COLLECTED])
 
 
-def test_paths(packages: list[Package]) -> list[str]:
+def tests_folders(packages: list[Package]) -> list[str]:
     return [f"{package.folder}/tests" for package in packages if (ROOT / package.folder / "tests").is_dir()]
 
 
@@ -183,7 +185,7 @@ def check_unique_test_modules(session: nox.Session, paths: list[str]) -> None:
 def package_session(package: Package, backend: str) -> Callable[[nox.Session], None]:
     def run(session: nox.Session) -> None:
         require_readable(session, [package])
-        tests = test_paths([package])
+        tests = tests_folders([package])
         if not tests:
             session.skip(f"{package.folder} has no tests folder yet")
         needed = with_dependencies(session, package)
@@ -202,7 +204,7 @@ def integration_session(backend: str) -> Callable[[nox.Session], None]:
         require_readable(session, PACKAGES)
         constraints = install_torch(session, backend)
         session.install(*(package.spec(with_tests=True) for package in PACKAGES), *constraints)
-        run_pytest(session, "tests", rootdir=".")
+        run_pytest(session, *CROSS_PACKAGE_TESTS, rootdir=".")
 
     run.__doc__ = f"Cross-package tests in tests/ with every package installed ({backend})."
     return run
@@ -211,7 +213,7 @@ def integration_session(backend: str) -> Callable[[nox.Session], None]:
 def all_tests_session(backend: str) -> Callable[[nox.Session], None]:
     def run(session: nox.Session) -> None:
         require_readable(session, PACKAGES)
-        paths = [*test_paths(PACKAGES), "tests"]
+        paths = [*tests_folders(PACKAGES), *CROSS_PACKAGE_TESTS]
         check_unique_test_modules(session, paths)
         constraints = install_torch(session, backend)
         editable = [argument for package in PACKAGES for argument in ("-e", package.spec(with_tests=True))]

@@ -1,23 +1,9 @@
 import importlib
 import os
+import sys
 import textwrap
 
 import pytest
-
-
-def tiny_job(tmp_path, *extra: str, steps: int = 6) -> list[str]:
-    """A fast llama3 job: the tiny debug flavor on the embedded corpus."""
-    return [
-        "--config", "llama3_debugmodel",
-        "--model.flavor", "debugmodel_tiny",
-        "--training.steps", str(steps),
-        "--training.seq_len", "64",
-        "--training.local_batch_size", "4",
-        "--lr_scheduler.warmup_steps", "2",
-        "--metrics.progress", "off",
-        "--job.dump_folder", str(tmp_path),
-        *extra,
-    ]
 
 
 @pytest.fixture
@@ -36,4 +22,7 @@ def fake_plugins(tmp_path_factory, monkeypatch):
         (info / "entry_points.txt").write_text(f"[plait.plugins]\n{name} = {module}\n")
         importlib.invalidate_caches()
 
-    return make
+    yield make
+    for name in [m for m in sys.modules if m.startswith("fake_")]:
+        del sys.modules[name]  # the next test's throwaway plugins may reuse the name
+    importlib.invalidate_caches()

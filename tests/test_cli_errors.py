@@ -3,7 +3,7 @@ import pytest
 
 from plait.cli import main
 
-from conftest import tiny_job
+from e2e_helpers import tiny_job
 
 SECTION_PLUGIN = """
 from dataclasses import dataclass

@@ -13,7 +13,7 @@ from plait.checkpoint import list_checkpoints
 from plait.cli import main, train
 from plait.errors import TrainingDivergedError
 
-from conftest import tiny_job
+from e2e_helpers import tiny_job
 
 # Sends SIGTERM to this process after optimizer step STOP_AT, as an operator or a scheduler would.
 SIGTERM_PLUGIN = """
@@ -43,14 +43,14 @@ def plait_forward_backward(ctx):
 
 
 def test_loss_goes_down_and_run_folder_is_complete(tmp_path):
-    result = train(tiny_job(tmp_path, "--checkpoint.interval", "5", steps=12))
+    result = train(tiny_job(tmp_path, "--checkpoint.interval", "5", "--optimizer.lr", "1e-2", steps=16))
     losses = result.losses
-    assert sorted(losses) == list(range(1, 13))
-    assert losses[12] < losses[1] - 0.5, losses
+    assert sorted(losses) == list(range(1, 17))
+    assert sum(losses[s] for s in range(13, 17)) / 4 < losses[1] - 0.5, losses
     resolved = json.loads((tmp_path / "config.json").read_text())
-    assert resolved["training"]["steps"] == 12 and resolved["model"]["flavor"] == "debugmodel_tiny"
+    assert resolved["training"]["steps"] == 16 and resolved["model"]["flavor"] == "debugmodel_tiny"
     assert "llama3" in resolved["plugins"]
-    assert list_checkpoints(str(tmp_path / "checkpoint")) == [5, 10, 12]
+    assert list_checkpoints(str(tmp_path / "checkpoint")) == [10, 15, 16]  # keep_latest_k 3
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
 

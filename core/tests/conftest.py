@@ -1,4 +1,5 @@
 import importlib
+import sys
 import textwrap
 
 import pytest
@@ -24,4 +25,7 @@ def make_plugin(tmp_path, monkeypatch):
         importlib.invalidate_caches()
         return module
 
-    return make
+    yield make
+    for name in [m for m in sys.modules if m.startswith("fake_")]:
+        del sys.modules[name]  # the next test's throwaway plugins may reuse the name
+    importlib.invalidate_caches()

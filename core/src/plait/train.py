@@ -4,6 +4,7 @@ through hooks, always in the order of DESIGN §4."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -44,12 +45,12 @@ class TrainState:
     tokens_seen: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": torch.get_rng_state().tolist()}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        torch.set_rng_state(state["rng"])
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Trainer:
             dp_world_size=pd.dp_degree,
         )
         self.grad_accumulation_steps = grad_accumulation_steps(config, pd)
-        self.model_args = spec.args_for(config.model.flavor)
+        self.model_args = self._model_args()
         self._check_vocab()
         self.model_parts, self.pipeline = self._build_model()
         self.loss_fn = spec.loss_fn or token_cross_entropy
@@ -186,6 +187,7 @@ class Trainer:
             states=extra_states,
         )
         self.resumed_from = self.checkpointer.load()
+        self._apply_schedule()
         if self.resumed_from == 0 and config.model.hf_dir:
             self._load_hf_weights(config.model.hf_dir)
 
@@ -235,6 +237,13 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
 
+    def _model_args(self) -> Any:
+        """The flavor's args, with the RoPE table sized for this run's sequence length."""
+        args = self.spec.args_for(self.config.model.flavor)
+        if dataclasses.is_dataclass(args) and "max_seq_len" in {f.name for f in dataclasses.fields(args)}:
+            args = dataclasses.replace(args, max_seq_len=self.config.training.seq_len)
+        return args
+
     def _check_vocab(self) -> None:
         model_vocab = getattr(self.model_args, "vocab_size", None)
         if model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
@@ -269,6 +278,29 @@ class Trainer:
         logger.info("model %s/%s: %s parameters", spec.name, config.model.flavor, f"{n_params:,}")
         return parts, pipeline
 
+    def _apply_schedule(self) -> None:
+        """Set the LR from the schedule of this run (a resumed run may change --training.steps)."""
+        scheduler = self.lr_scheduler
+        for group, base_lr, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _check_hf_config(self, hf_dir: str, hf_config: dict) -> None:
+        theirs = self.spec.hf_adapter.args_from_hf_config(hf_config)
+        ours = self.model_args
+        if not (dataclasses.is_dataclass(theirs) and dataclasses.is_dataclass(ours)):
+            return
+        differences = [
+            f"{f.name}: checkpoint {getattr(theirs, f.name)!r}, flavor {getattr(ours, f.name)!r}"
+            for f in dataclasses.fields(ours)
+            if f.name != "max_seq_len" and getattr(theirs, f.name, None) != getattr(ours, f.name)
+        ]
+        if differences:
+            raise ConfigError(
+                f"the Hugging Face checkpoint in {hf_dir} does not match {self.spec.name}/"
+                f"{self.config.model.flavor} (" + "; ".join(differences) + "): choose the matching --model.flavor"
+            )
+
     def _load_hf_weights(self, hf_dir: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -276,7 +308,8 @@ class Trainer:
 
         if self.spec.hf_adapter is None:
             raise ConfigError(f"model {self.spec.name!r} has no Hugging Face adapter; drop --model.hf_dir")
-        _, hf_state = load_hf_folder(hf_dir)
+        hf_config, hf_state = load_hf_folder(hf_dir)
+        self._check_hf_config(hf_dir, hf_config)
         state = self.spec.hf_adapter.from_hf(hf_state, self.model_args)
         options = StateDictOptions(full_state_dict=True, strict=len(self.model_parts) == 1)
         for part in self.model_parts:
@@ -373,6 +406,7 @@ class Trainer:
         self.checkpointer.close()
         self.metrics.close()
         if dist.is_initialized():
+            dist.barrier()  # gloo may abort if the group dies right after an object collective
             dist.destroy_process_group()
 
 

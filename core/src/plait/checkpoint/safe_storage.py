@@ -169,7 +169,12 @@ def _read_metadata_file(checkpoint_dir: str) -> dcp_metadata.Metadata:
         raise damaged(
             checkpoint_dir, f"its {_METADATA_FILE} file cannot be read ({describe(error)})"
         ) from None
-    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
+    if not (
+        isinstance(metadata, dcp_metadata.Metadata)
+        and isinstance(metadata.state_dict_metadata, dict)
+        and isinstance(metadata.storage_data, dict)
+        and isinstance(metadata.storage_meta, (dcp_metadata.StorageMeta, type(None)))
+    ):
         raise damaged(checkpoint_dir, f"its {_METADATA_FILE} file does not hold checkpoint metadata")
     return metadata
 

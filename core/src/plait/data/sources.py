@@ -1,0 +1,282 @@
+"""Where documents come from: the embedded corpus, local files or a Hugging Face dataset.
+
+A source is an ordered sequence of texts that can be reopened at a saved position.
+Positions are small JSON values: ``None`` is the start of the data; the embedded corpus
+uses ``{"index": i}``; Hugging Face datasets use the dataset's own ``state_dict()``,
+which resumes inside a file without reading what comes before it.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from plait.config import DataSection
+from plait.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
+
+Position = Any
+"""A JSON value saying where to resume; None is the start of the data."""
+
+#: File suffix -> the Hugging Face datasets builder that reads it.
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+class DocumentReader(ABC):
+    """Reads one pass over a source, from the position it was opened at."""
+
+    @abstractmethod
+    def position(self) -> Position:
+        """Where the next unread document is; opening the source there resumes exactly."""
+
+    @abstractmethod
+    def read(self, max_chars: int) -> list[str]:
+        """The next documents, about ``max_chars`` characters of them (at least one
+        document); an empty list at the end of the data."""
+
+    def skip(self, count: int) -> None:
+        for _ in range(count):
+            if not self.read(0):
+                return
+
+
+class DocumentSource(ABC):
+    identity: str
+    """Names the data, so that a saved position is not applied to other data."""
+
+    @abstractmethod
+    def open(self, position: Position) -> DocumentReader: ...
+
+
+# ------------------------------------------------------------------ embedded corpus
+
+
+class EmbeddedSource(DocumentSource):
+    def __init__(self, documents: tuple[str, ...], *, fingerprint: str) -> None:
+        self.documents = documents
+        self.identity = f"embedded:{fingerprint[:16]}"
+
+    def open(self, position: Position) -> DocumentReader:
+        return _ListReader(self.documents, 0 if position is None else int(position["index"]))
+
+
+class _ListReader(DocumentReader):
+    def __init__(self, documents: tuple[str, ...], start: int) -> None:
+        self._documents = documents
+        self._next = start
+
+    def position(self) -> Position:
+        return {"index": self._next}
+
+    def read(self, max_chars: int) -> list[str]:
+        texts: list[str] = []
+        chars = 0
+        while self._next < len(self._documents) and (not texts or chars < max_chars):
+            texts.append(self._documents[self._next])
+            chars += len(texts[-1])
+            self._next += 1
+        return texts
+
+    def skip(self, count: int) -> None:
+        self._next = min(self._next + count, len(self._documents))
+
+
+# --------------------------------------------------------------- Hugging Face datasets
+
+
+class HFSource(DocumentSource):
+    """A Hugging Face dataset (local files or a hub name), streamed or memory-mapped."""
+
+    def __init__(self, dataset: datasets.IterableDataset, *, text_field: str, identity: str, label: str) -> None:
+        self._dataset = dataset.select_columns([text_field])
+        self.text_field = text_field
+        self.identity = identity
+        self.label = label
+
+    def open(self, position: Position) -> DocumentReader:
+        # A private copy: the dataset object keeps its iteration state in itself.
+        dataset = copy.deepcopy(self._dataset)
+        if position is not None:
+            dataset.load_state_dict(position)
+        return _HFReader(dataset, start=position, source=self)
+
+
+class _HFReader(DocumentReader):
+    def __init__(self, dataset: datasets.IterableDataset, *, start: Position, source: HFSource) -> None:
+        self._dataset = dataset
+        self._rows: Iterator[dict[str, Any]] = iter(dataset)
+        self._start = start
+        self._started = False
+        self._source = source
+
+    def position(self) -> Position:
+        # Before the first row is pulled the dataset has no live state yet.
+        return self._dataset.state_dict() if self._started else self._start
+
+    def read(self, max_chars: int) -> list[str]:
+        texts: list[str] = []
+        chars = 0
+        while not texts or chars < max_chars:
+            row = next(self._rows, None)
+            self._started = True
+            if row is None:
+                break
+            text = row[self._source.text_field]
+            if text is None:
+                text = ""
+            elif not isinstance(text, str):
+                raise _not_text(self._source.text_field, self._source.label, text)
+            texts.append(text)
+            chars += len(text)
+        return texts
+
+
+def build_source(data: DataSection) -> DocumentSource:
+    """The source ``data`` names; every user mistake is a ConfigError raised here,
+    before training starts."""
+    if not data.dataset:
+        from plait.data.embedded import embedded_corpus
+
+        corpus = embedded_corpus()
+        return EmbeddedSource(corpus.documents, fingerprint=corpus.fingerprint)
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = _local_files(data.dataset)
+    if files is not None:
+        builder = _builder_for(files, data.dataset)
+        base_split = data.split.split("[")[0] or "train"
+        dataset = _load(
+            data,
+            lambda: datasets.load_dataset(
+                builder, data_files={base_split: [str(f) for f in files]}, split=data.split, streaming=data.streaming
+            ),
+            missing_hint="",
+        )
+        names = ",".join(f.name for f in files)
+        identity = f"{builder}:{names}"
+    else:
+        dataset = _load(
+            data,
+            lambda: datasets.load_dataset(
+                data.dataset, data.dataset_config or None, split=data.split, streaming=data.streaming
+            ),
+            missing_hint=(
+                f"--data.dataset {data.dataset!r} is not a local file or folder, and the Hugging Face "
+                "dataset of that name could not be found locally or downloaded"
+            ),
+        )
+        identity = f"hf:{data.dataset}:{data.dataset_config}"
+    if not data.streaming:
+        dataset = dataset.to_iterable_dataset()
+    _check_text_field(dataset, data)
+    mode = "streaming" if data.streaming else "map"
+    identity = f"{identity}:{data.split}:{data.text_field}:{mode}"
+    return HFSource(dataset, text_field=data.text_field, identity=identity, label=f"dataset {data.dataset!r}")
+
+
+def _local_files(spec: str) -> list[Path] | None:
+    """The files a local dataset spec names, or None when it is not a local path."""
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    files: list[Path] = []
+    for part in parts:
+        path = Path(part).expanduser()
+        if path.is_dir():
+            found = sorted(
+                (p for p in path.rglob("*") if p.is_file() and _suffix(p) in BUILDERS and not _hidden(p, path)),
+                key=lambda p: p.relative_to(path).as_posix(),
+            )
+            if not found:
+                raise ConfigError(
+                    f"--data.dataset: the folder {path} holds no {'/'.join(BUILDERS)} files."
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(part) and (matches := sorted(glob.glob(str(path), recursive=True))):
+            files.extend(Path(m) for m in matches if Path(m).is_file())
+        elif _looks_like_path(part) or len(parts) > 1:
+            raise ConfigError(
+                f"--data.dataset: no such file or folder: {part}. Pass existing "
+                f"{'/'.join(BUILDERS)} files (comma separated) or a folder of them."
+            )
+        else:
+            return None  # a Hugging Face dataset name
+    return files
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for compression in _COMPRESSIONS:
+        name = name.removesuffix(compression)
+    return Path(name).suffix
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or _suffix(Path(spec)) in BUILDERS
+
+
+def _builder_for(files: list[Path], spec: str) -> str:
+    builders = {BUILDERS.get(_suffix(f)) for f in files}
+    if None in builders:
+        unknown = next(f for f in files if _suffix(f) not in BUILDERS)
+        raise ConfigError(
+            f"--data.dataset: cannot read {unknown}: the supported files are {', '.join(BUILDERS)} "
+            f"(optionally compressed with {', '.join(_COMPRESSIONS)})."
+        )
+    if len(builders) > 1:
+        raise ConfigError(
+            f"--data.dataset {spec}: all files must be of one kind, but it mixes "
+            f"{', '.join(sorted(b for b in builders if b))} files."
+        )
+    return builders.pop()  # type: ignore[return-value]
+
+
+def _load(data: DataSection, load: Any, *, missing_hint: str) -> Any:
+    how_to = (
+        "Pass a local .jsonl/.json/.parquet/.txt file, a comma-separated list of them or a folder "
+        "with --data.dataset, or leave it empty for the embedded corpus."
+    )
+    try:
+        return load()
+    except (ConnectionError, FileNotFoundError) as error:
+        reason = missing_hint or f"--data.dataset {data.dataset!r} could not be read"
+        raise ConfigError(f"{reason} ({type(error).__name__}: {error}). {how_to}") from None
+    except ValueError as error:
+        raise ConfigError(
+            f"--data.dataset {data.dataset!r} (split {data.split!r}) could not be loaded: {error}"
+        ) from None
+
+
+def _check_text_field(dataset: datasets.IterableDataset, data: DataSection) -> None:
+    """The text field must exist and hold strings; looking at the first row also
+    catches formats without a schema (JSON lines) and unreadable files early."""
+    first = next(iter(copy.deepcopy(dataset)), None)
+    if first is None:
+        raise ConfigError(f"--data.dataset {data.dataset!r} (split {data.split!r}) holds no rows.")
+    if data.text_field not in first:
+        raise ConfigError(
+            f"--data.text_field: dataset {data.dataset!r} has no column {data.text_field!r}; "
+            f"its columns are {', '.join(first)}. Pass one of them with --data.text_field."
+        )
+    value = first[data.text_field]
+    if value is not None and not isinstance(value, str):
+        raise _not_text(data.text_field, f"dataset {data.dataset!r}", value)
+
+
+def _not_text(field: str, label: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"--data.text_field {field!r} of {label} holds {type(value).__name__} values, not text. "
+        "Point --data.text_field at a string column."
+    )
