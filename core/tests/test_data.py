@@ -292,6 +292,14 @@ def test_bad_local_datasets_are_config_errors(tok, tmp_path, spec, message):
         make_loader(tok, DataSection(dataset=spec))
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_malformed_file_is_a_config_error(tok, tmp_path, streaming):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(ConfigError, match="could not be loaded: .*JSON parse error"):
+        make_loader(tok, DataSection(dataset=str(path), streaming=streaming))
+
+
 def test_empty_documents_only_is_an_error_not_a_hang(tok, tmp_path):
     loader = make_loader(tok, DataSection(dataset=write(tmp_path, "jsonl", ["", "", ""])))
     with pytest.raises(PlaitError, match="holds no text"):

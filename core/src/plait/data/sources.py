@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,8 +161,9 @@ def build_source(data: DataSection) -> DocumentSource:
             ),
             missing_hint="",
         )
-        names = ",".join(f.name for f in files)
-        identity = f"{builder}:{names}"
+        # Names relative to their folder, hashed: the same data moved elsewhere still resumes.
+        names = hashlib.sha256("\0".join(f.name for f in files).encode()).hexdigest()[:16]
+        identity = f"{builder}:{len(files)} files:{names}"
     else:
         dataset = _load(
             data,
@@ -243,26 +245,40 @@ def _builder_for(files: list[Path], spec: str) -> str:
     return builders.pop()  # type: ignore[return-value]
 
 
-def _load(data: DataSection, load: Any, *, missing_hint: str) -> Any:
+def _load(data: DataSection, load: Callable[[], Any], *, missing_hint: str) -> Any:
     how_to = (
         "Pass a local .jsonl/.json/.parquet/.txt file, a comma-separated list of them or a folder "
         "with --data.dataset, or leave it empty for the embedded corpus."
     )
     try:
         return load()
-    except (ConnectionError, FileNotFoundError) as error:
+    except OSError as error:  # no network, no such dataset or file, HTTP errors
         reason = missing_hint or f"--data.dataset {data.dataset!r} could not be read"
         raise ConfigError(f"{reason} ({type(error).__name__}: {error}). {how_to}") from None
-    except ValueError as error:
-        raise ConfigError(
-            f"--data.dataset {data.dataset!r} (split {data.split!r}) could not be loaded: {error}"
-        ) from None
+    except (ValueError, _datasets_error()) as error:
+        raise _unreadable(data, error) from None
+
+
+def _datasets_error() -> type[Exception]:
+    from datasets.exceptions import DatasetsError
+
+    return DatasetsError
+
+
+def _unreadable(data: DataSection, error: Exception) -> ConfigError:
+    cause = f" ({error.__cause__})" if error.__cause__ else ""
+    return ConfigError(
+        f"--data.dataset {data.dataset!r} (split {data.split!r}) could not be loaded: {error}{cause}"
+    )
 
 
 def _check_text_field(dataset: datasets.IterableDataset, data: DataSection) -> None:
     """The text field must exist and hold strings; looking at the first row also
     catches formats without a schema (JSON lines) and unreadable files early."""
-    first = next(iter(copy.deepcopy(dataset)), None)
+    try:
+        first = next(iter(copy.deepcopy(dataset)), None)
+    except (ValueError, OSError, _datasets_error()) as error:
+        raise _unreadable(data, error) from None
     if first is None:
         raise ConfigError(f"--data.dataset {data.dataset!r} (split {data.split!r}) holds no rows.")
     if data.text_field not in first:
