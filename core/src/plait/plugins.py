@@ -211,31 +211,27 @@ class PluginManager:
     def provides(self, capability: str) -> bool:
         return any(capability in getattr(m, "PROVIDES", ()) for m in self._modules.values())
 
-    def providers_of(self, capability: str) -> list[str]:
-        """Installed (not necessarily enabled) plugins that provide ``capability``.
-
-        Imports the light plugin modules of installed plugins; only used to word errors.
-        """
-        found = []
+    def _light_modules(self):
+        """(name, module) of every importable installed plugin; only used to word errors
+        and listings, since it imports the light plugin modules."""
         for name, plugin in self._installed.items():
             try:
-                module = self._modules.get(name) or plugin.import_module()
+                yield name, self._modules.get(name) or plugin.import_module()
             except PluginError:
                 continue
-            if capability in getattr(module, "PROVIDES", ()):
-                found.append(name)
-        return found
+
+    def providers_of(self, capability: str) -> list[str]:
+        """Installed (not necessarily enabled) plugins that provide ``capability``."""
+        return [name for name, module in self._light_modules() if capability in getattr(module, "PROVIDES", ())]
 
     def installed_models(self) -> list[str]:
-        """Model names that installed plugins provide (imports their light modules)."""
-        models = []
-        for name, plugin in self._installed.items():
-            try:
-                module = self._modules.get(name) or plugin.import_module()
-            except PluginError:
-                continue
-            models += [c[len("model:"):] for c in getattr(module, "PROVIDES", ()) if c.startswith("model:")]
-        return sorted(models)
+        """Model names that installed plugins provide."""
+        return sorted(
+            capability[len("model:"):]
+            for _, module in self._light_modules()
+            for capability in getattr(module, "PROVIDES", ())
+            if capability.startswith("model:")
+        )
 
     @cached_property
     def model_specs(self) -> dict[str, Any]:
