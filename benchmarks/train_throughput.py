@@ -1,6 +1,6 @@
 """Steady-state training throughput and peak memory of one plait job.
 
-    python benchmarks/train_throughput.py --config llama3_debugmodel [--steps 30] [--warmup 5] [-- extra plait options]
+    python benchmarks/train_throughput.py --config llama3_debugmodel [--steps 30] [-- extra plait options]
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="llama3_debugmodel")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the steady state")
     parser.add_argument("extra", nargs="*", help="more plait train options, after --")
     args = parser.parse_args()
 
@@ -43,7 +42,7 @@ def main() -> None:
         "config": args.config,
         "extra": args.extra,
         "steps": args.steps,
-        "warmup_excluded": args.warmup,
+        "warmup_excluded": 2,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
         "wall_seconds": round(wall, 2),

@@ -24,8 +24,22 @@ _CUDA_PEAK_BF16 = {
     "L4": 121e12,
 }
 
-#: Nominal CPU peak per thread (fp32 AVX-512 FMA at ~2 GHz); override with PLAIT_PEAK_FLOPS.
-_CPU_PEAK_PER_THREAD = 64e9
+#: fp32 FLOPs per cycle per core by vector extension (two FMA units).
+_CPU_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("sse2", 8))
+
+
+def cpu_peak_per_thread() -> float:
+    """Nominal fp32 peak of one core from /proc/cpuinfo (vector width × clock); 64 GFLOP/s
+    where that cannot be read. A datasheet figure: measured GEMM throughput is lower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return 64e9
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    per_cycle = next((n for flag, n in _CPU_FLOPS_PER_CYCLE if flag in flags), 8)
+    return per_cycle * (max(mhz) * 1e6 if mhz else 2e9)
 
 
 def peak_flops(device_type: str, device_name: str, dtype: str) -> float:
@@ -39,7 +53,7 @@ def peak_flops(device_type: str, device_name: str, dtype: str) -> float:
         return 312e12
     import torch
 
-    return _CPU_PEAK_PER_THREAD * torch.get_num_threads()
+    return cpu_peak_per_thread() * torch.get_num_threads()
 
 
 @hookimpl(trylast=True)

@@ -1,7 +1,7 @@
 """The embedded default data: real text that needs no network, and a tokenizer trained on it.
 
 The corpus is the source code of the Python standard library this interpreter ships
-(its top-level ``*.py`` files in name order, one document each). The tokenizer is a
+(its top-level ``*.py`` files in a fixed shuffled order, one document each). The tokenizer is a
 byte-level BPE with exactly ``EMBEDDED_VOCAB_SIZE`` tokens trained on that corpus; the
 training is deterministic, and the result is cached per Python version and corpus hash
 in ``plait_cache_dir()``, written atomically so that ranks starting together are safe.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import random
 import sys
 import sysconfig
 import tempfile
@@ -28,6 +29,7 @@ BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 #: Bump when the training recipe below changes, so that stale caches are not reused.
 _RECIPE_VERSION = "bpe-bytelevel-1"
+_SHUFFLE_SEED = 20261123
 
 
 def plait_cache_dir() -> Path:
@@ -48,6 +50,9 @@ class EmbeddedCorpus:
 def embedded_corpus() -> EmbeddedCorpus:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(stdlib.glob("*.py"), key=lambda path: path.name)
+    # A fixed shuffle: in name order, neighbouring files share style, and a short run's
+    # loss would follow the files rather than the learning.
+    random.Random(_SHUFFLE_SEED).shuffle(files)
     if not files:
         raise PlaitError(
             f"the embedded corpus reads the Python standard library sources, but {stdlib} holds no "

@@ -1,0 +1,43 @@
+"""Train, `plait convert` the checkpoint, load it with transformers: same logits."""
+import torch
+
+import plait
+from plait.cli import main, train
+
+from e2e_helpers import tiny_job
+
+
+def test_trained_checkpoint_converts_to_a_folder_transformers_loads(tmp_path, capsys):
+    train(tiny_job(tmp_path / "run", "--checkpoint.interval", "3", steps=3))
+    out = tmp_path / "hf"
+    assert main(["convert", str(tmp_path / "run" / "checkpoint" / "step-3"), str(out)]) == 0
+    assert "llama3/debugmodel_tiny" in capsys.readouterr().out
+
+    from transformers import LlamaForCausalLM
+
+    reference = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ours = plait.from_pretrained("llama3", str(out))
+    tokens = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        got = ours(tokens)
+    assert got.shape == (2, 24, 2048)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+    # and they are the trained weights of step 3
+    from plait.checkpoint import load_model_state
+    from plait.plugins import load_model_spec
+
+    spec = load_model_spec("llama3")
+    model = spec.build(spec.args_for("debugmodel_tiny"))
+    with torch.no_grad():
+        model.init_weights()
+        model.tok_embeddings.weight.zero_()  # must be overwritten by the load below
+    load_model_state(str(tmp_path / "run" / "checkpoint" / "step-3"), model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(tokens), got, atol=1e-5, rtol=0)
+
+
+def test_convert_without_run_config_asks_for_model(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
+    assert "pass --model and --flavor" in capsys.readouterr().err
