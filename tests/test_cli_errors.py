@@ -51,6 +51,7 @@ def test_config_errors_exit_2_before_work(tmp_path, capsys, extra, expected):
 
 def test_degree_without_plugin_names_package_and_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "llama3")  # as if plait-tp were not installed
     code, output = run(["train", *tiny_job(tmp_path), "--parallelism.dp_shard", "1", "--parallelism.tp", "2"], capsys)
     assert code == 2
     assert "--parallelism.tp 2 needs a plugin that provides 'tp'" in output

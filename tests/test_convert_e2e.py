@@ -41,3 +41,27 @@ def test_convert_without_run_config_asks_for_model(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
     assert "pass --model and --flavor" in capsys.readouterr().err
+
+
+def test_training_starts_from_hf_weights_and_refuses_a_mismatch(tmp_path):
+    train(tiny_job(tmp_path / "run", "--checkpoint.interval", "3", steps=3))
+    hf = tmp_path / "hf"
+    assert main(["convert", str(tmp_path / "run" / "checkpoint" / "step-3"), str(hf)]) == 0
+
+    from plait.config import DataSection
+    from plait.data import build_dataloader, build_tokenizer
+    from plait.train import token_cross_entropy
+
+    tokenizer = build_tokenizer("")
+    inputs, labels = next(build_dataloader(DataSection(), tokenizer, seq_len=64, local_batch_size=4,
+                                           dp_rank=0, dp_world_size=1))
+    with torch.no_grad():
+        expected = token_cross_entropy(plait.from_pretrained("llama3", str(hf))(inputs), labels).item()
+    started = train(tiny_job(tmp_path / "from_hf", "--model.hf_dir", str(hf), steps=1))
+    assert abs(started.losses[1] - expected) < 1e-5
+
+    from plait.errors import ConfigError
+    import pytest
+
+    with pytest.raises(ConfigError, match="does not match llama3/debugmodel .*choose the matching --model.flavor"):
+        train(tiny_job(tmp_path / "mismatch", "--model.hf_dir", str(hf), "--model.flavor", "debugmodel", steps=1))

@@ -56,6 +56,7 @@ class TrainState:
 @dataclass
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)
     last_step: int = 0
     stopped_by_signal: bool = False
     summary: dict[str, float] = field(default_factory=dict)
@@ -270,13 +271,40 @@ class Trainer:
             apply_activation_checkpointing(part, config.activation_checkpoint, spec.block_container)
             apply_compile(part, config.compile, spec.block_container)
             hook.plait_apply_data_parallel(model=part, **common)
+        reference = self._reference_weights() if pd.world_size > 1 and config.training.deterministic else None
+        for part in parts:
             part.to_empty(device=self.device)
-            with torch.no_grad():
-                part.init_weights()
+            if reference is None:
+                with torch.no_grad():
+                    part.init_weights()
+            else:
+                self._load_reference_weights(part, reference)
             part.train()
         n_params = sum(p.numel() for part in parts for p in part.parameters())
         logger.info("model %s/%s: %s parameters", spec.name, config.model.flavor, f"{n_params:,}")
         return parts, pipeline
+
+    def _reference_weights(self) -> dict[str, torch.Tensor]:
+        """The weights a single process would initialize, for runs that must not depend on
+        the layout (``--training.deterministic`` with several processes): random init of
+        sharded or split parameters draws different numbers than one full model does.
+        Costs one full fp32 copy of the model in CPU memory on every rank while it loads."""
+        with torch.device("meta"):
+            full = self.spec.build(self.model_args)
+        self.hook.plait_convert_model(model=full, config=self.config, model_spec=self.spec)
+        full.to_empty(device="cpu")
+        with torch.no_grad():
+            full.init_weights()
+        return full.state_dict()
+
+    def _load_reference_weights(self, part: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        rng = torch.get_rng_state()  # leave the RNG where a single process's init leaves it
+        with torch.no_grad():
+            part.init_weights()  # buffers that are not in the state dict (RoPE tables)
+        torch.set_rng_state(rng)
+        set_model_state_dict(part, reference, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def _apply_schedule(self) -> None:
         """Set the LR from the schedule of this run (a resumed run may change --training.steps)."""
@@ -286,19 +314,25 @@ class Trainer:
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _check_hf_config(self, hf_dir: str, hf_config: dict) -> None:
-        theirs = self.spec.hf_adapter.args_from_hf_config(hf_config)
-        ours = self.model_args
-        if not (dataclasses.is_dataclass(theirs) and dataclasses.is_dataclass(ours)):
-            return
+        """Refuse an HF checkpoint whose tensor shapes differ from the chosen flavor's."""
+
+        def shapes(args: Any) -> dict[str, tuple[int, ...]]:
+            with torch.device("meta"):
+                model = self.spec.build(args)
+            return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+        theirs = shapes(self.spec.hf_adapter.args_from_hf_config(hf_config))
+        ours = shapes(self.model_args)
         differences = [
-            f"{f.name}: checkpoint {getattr(theirs, f.name)!r}, flavor {getattr(ours, f.name)!r}"
-            for f in dataclasses.fields(ours)
-            if f.name != "max_seq_len" and getattr(theirs, f.name, None) != getattr(ours, f.name)
+            f"{name}: checkpoint {theirs.get(name, 'missing')}, flavor {ours.get(name, 'missing')}"
+            for name in sorted(set(theirs) | set(ours))
+            if theirs.get(name) != ours.get(name)
         ]
         if differences:
             raise ConfigError(
                 f"the Hugging Face checkpoint in {hf_dir} does not match {self.spec.name}/"
-                f"{self.config.model.flavor} (" + "; ".join(differences) + "): choose the matching --model.flavor"
+                f"{self.config.model.flavor} (" + "; ".join(differences[:4])
+                + ("; ..." if len(differences) > 4 else "") + "): choose the matching --model.flavor"
             )
 
     def _load_hf_weights(self, hf_dir: str) -> None:
@@ -361,6 +395,7 @@ class Trainer:
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
                 result.losses[step] = loss
+                result.grad_norms[step] = grad_norm
                 result.last_step = step
                 stopping = self._agree(stop.requested)
                 self.checkpointer.save(step, force=step == total_steps or stopping)

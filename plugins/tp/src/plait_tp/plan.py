@@ -1,0 +1,137 @@
+"""From a model spec's TP plan (path pattern -> style name) to torch ``ParallelStyle``s
+applied on the tp mesh.
+
+Patterns are dotted module paths whose components may hold shell wildcards
+(``layers.*.attention.wq``); each component matches exactly one component of a real
+module path, so ``layers.*`` never reaches into ``layers.0.attention``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from plait.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from plait.model_spec import TPStyle
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class StyleOptions:
+    sequence_parallel: bool = True
+    loss_parallel: bool = True
+
+
+class ReplicatedParameters(ParallelStyle):
+    """Replicates a module's parameters as DTensors and runs it on replicated inputs.
+
+    Used for norms when sequence parallelism is off: every parameter of the model is
+    then a DTensor, so one optimizer step (foreach / fused) can update all of them.
+    Inputs arrive as plain replicated tensors and leave as plain tensors.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module, device_mesh, _replicate_parameters, _inputs_as_replicated, _outputs_as_local
+        )
+
+
+def _replicate_parameters(name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+    for param_name, param in list(module.named_parameters(recurse=False)):
+        replicated = DTensor.from_local(param, device_mesh, [Replicate()], run_check=False)
+        module.register_parameter(param_name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+
+
+def _inputs_as_replicated(module: nn.Module, inputs: tuple[Any, ...], device_mesh: DeviceMesh) -> tuple[Any, ...]:
+    return tuple(
+        DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+        else x
+        for x in inputs
+    )
+
+
+def _outputs_as_local(module: nn.Module, outputs: Any, device_mesh: DeviceMesh) -> Any:
+    return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    pattern_parts, path_parts = pattern.split("."), path.split(".")
+    return len(pattern_parts) == len(path_parts) and all(
+        fnmatchcase(part, wanted) for part, wanted in zip(path_parts, pattern_parts)
+    )
+
+
+def resolve_plan(module_paths: Iterable[str], styles: Mapping[str, TPStyle]) -> dict[str, TPStyle]:
+    """Real module path -> style, in module order. Patterns that match nothing are fine (a
+    pipeline chunk lacks some modules); a path matched by two patterns with different
+    styles is an error in the plan."""
+    resolved: dict[str, TPStyle] = {}
+    for path in module_paths:
+        matches = {pattern: style for pattern, style in styles.items() if pattern_matches(pattern, path)}
+        if len(set(matches.values())) > 1:
+            raise ConfigError(
+                f"the TP plan gives module {path!r} several styles ("
+                + ", ".join(f"{p!r}: {s}" for p, s in matches.items())
+                + "); make the model spec's tp_plan patterns unambiguous"
+            )
+        if matches:
+            resolved[path] = next(iter(matches.values()))
+    return resolved
+
+
+def build_style(style: TPStyle, options: StyleOptions) -> ParallelStyle | None:
+    """The torch style for one plan entry; None where nothing needs to change."""
+    sp = options.sequence_parallel
+    between_blocks = Shard(1) if sp else Replicate()
+    if style == "colwise":
+        return ColwiseParallel()
+    if style == "rowwise":
+        return RowwiseParallel(output_layouts=between_blocks)
+    if style == "embedding":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks)
+    if style == "output":
+        return ColwiseParallel(
+            input_layouts=between_blocks,
+            output_layouts=Shard(-1) if options.loss_parallel else Replicate(),
+            use_local_output=not options.loss_parallel,
+        )
+    if style == "sequence_parallel":
+        return SequenceParallel() if sp else ReplicatedParameters()
+    if style == "prepare_input":
+        # Only the first positional input is redistributed; keyword inputs (the RoPE
+        # cache) are left alone. Without SP the input is already replicated.
+        if not sp:
+            return None
+        return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    raise ConfigError(
+        f"unknown tensor-parallel style {style!r} in the model's tp_plan; use one of: colwise, "
+        "rowwise, embedding, output, sequence_parallel, prepare_input"
+    )
+
+
+def apply_plan(
+    model: nn.Module, tp_mesh: DeviceMesh, styles: Mapping[str, TPStyle], options: StyleOptions
+) -> list[str]:
+    """Parallelize ``model`` in place; returns the module paths that were given a style."""
+    resolved = resolve_plan((name for name, _ in model.named_modules() if name), styles)
+    plan = {path: built for path, style in resolved.items() if (built := build_style(style, options)) is not None}
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+    return list(plan)
