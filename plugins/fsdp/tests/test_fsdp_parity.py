@@ -7,12 +7,7 @@ so the losses and gradient norms must match a single process with local batch 4.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,11 +18,11 @@ from plait.checkpoint import list_checkpoints
 from plait.cli import train
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
+from plait.testing import run_ranks
 
 from plait_fsdp import parallelize, plugin
 from plait_fsdp.config import FSDPConfig
 
-WORKER = Path(__file__).with_name("fsdp_rank_worker.py")
 STEPS = 6
 TOLERANCE = 1e-5
 GLOBAL_BATCH = 4
@@ -50,34 +45,6 @@ def job(dump_folder: Path, *extra: str, local_batch_size: int) -> list[str]:
     ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(world_size: int, argv: list[str], out: Path) -> dict[str, dict[int, float]]:
-    """Run ``argv`` on ``world_size`` gloo ranks; rank 0's losses and grad norms by step."""
-    port = str(free_port())
-    procs = []
-    for rank in range(world_size):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-        }
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), *argv], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
-    raw = json.loads(out.read_text())
-    return {key: {int(step): value for step, value in raw[key].items()} for key in ("losses", "grad_norms")}
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,7 @@
 run with a single-process run that starts from the same Hugging Face weights."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,27 +11,12 @@ import torch
 from plait.config import JobConfig
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
+from plait.testing import run_ranks
 from plait_llama3.spec import TP_PLAN, llama3_spec
 from plait_tp import plugin
 from plait_tp.plan import StyleOptions, build_style, pattern_matches, resolve_plan
 
 STEPS = 6  # the TP run resumes after step 1 and trains 5 steps
-
-# One TP rank: train in-process and, on rank 0, write the per-step losses as JSON.
-RANK_MAIN = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    torch.set_num_threads(1)
-    from plait.cli import train
-    out, argv = sys.argv[1], json.loads(sys.argv[2])
-    result = train(argv)
-    import os
-    if os.environ["RANK"] == "0":
-        with open(out, "w") as f:
-            json.dump({str(k): v for k, v in result.losses.items()}, f)
-    """
-)
 
 
 def llama_job(dump: Path, *extra: str) -> list[str]:
@@ -58,45 +37,8 @@ def llama_job(dump: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_tp_ranks(tmp_path: Path, argv: list[str]) -> dict[int, float]:
-    out = tmp_path / "losses.json"
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", RANK_MAIN, str(out), json.dumps(argv)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            logs.append(proc.communicate()[0])
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    return {int(k): v for k, v in json.loads(out.read_text()).items()}
+    return run_ranks(2, argv, tmp_path / "losses.json")["losses"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,67 @@
+"""Helpers for multi-process tests of plait and its plugins.
+
+``run_ranks(world_size, argv, out)`` runs ``plait train ARGV`` as ``world_size`` real
+gloo ranks (one subprocess each, torchrun's environment, one thread per rank) and
+returns rank 0's losses and gradient norms by step. ``python -m plait.testing OUT ARGV``
+is the per-rank entry point it launches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(world_size: int, argv: list[str], out: Path, *, timeout: float = 240) -> dict[str, dict[int, float]]:
+    """Rank 0's ``{"losses": {step: loss}, "grad_norms": {step: norm}}`` of a distributed run."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+        }
+        procs.append(subprocess.Popen([sys.executable, "-m", "plait.testing", str(out), *argv], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:
+            raise AssertionError(f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}")
+    raw = json.loads(Path(out).read_text())
+    return {key: {int(step): value for step, value in raw[key].items()} for key in ("losses", "grad_norms")}
+
+
+def _rank_main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from plait.cli import train
+
+    out, argv = sys.argv[1], sys.argv[2:]
+    result = train(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(out, "w") as f:
+            json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, f)
+
+
+if __name__ == "__main__":
+    _rank_main()
