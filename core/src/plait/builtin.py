@@ -86,3 +86,8 @@ def plait_train_step(ctx: Any) -> None:
 
     run_train_step(ctx)
 
+
+
+@hookimpl
+def plait_checkpoint_save(checkpointer: Any, step: int, force: bool) -> None:
+    checkpointer.save(step, force=force)

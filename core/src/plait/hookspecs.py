@@ -12,7 +12,6 @@ Calling conventions used below:
   results.
 - **first result wins** (``firstresult=True``): implementations run until one returns
   something other than None; that value is used. Used for "who builds X".
-- **historic**: a plugin enabled late still receives the call.
 - **wrapper-friendly**: implement with ``@hookimpl(wrapper=True)`` to run code around the
   core's behaviour (``result = yield``), e.g. fault tolerance or profiling around a step.
 
@@ -50,21 +49,24 @@ hookspec = pluggy.HookspecMarker("plait")
 # ---------------------------------------------------------------------------------------
 
 
-@hookspec(historic=True)
+@hookspec
 def plait_register_models(register: Callable[[ModelSpec], None]) -> None:
-    """Register model specs: call ``register(spec)`` once per model. collect-all, historic.
+    """Register model specs: call ``register(spec)`` once per model. collect-all.
 
-    Registering a name twice raises an error that names both plugins.
+    The plugin manager calls each enabled plugin's implementation with its own
+    ``register``, so it knows who registered what: a name registered twice raises an
+    error that names both plugins.
     """
 
 
-@hookspec(historic=True)
+@hookspec
 def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
     """Add this plugin's config section: ``register("float8", Float8Config)``.
 
     The section becomes ``--float8.<field>`` on the command line and ``config.float8`` in
     code. The class is a dataclass with defaults for every field; it may define
-    ``validate(self) -> None`` raising ``ConfigError``. collect-all, historic.
+    ``validate(self) -> None`` raising ``ConfigError``. collect-all, called per plugin like
+    ``plait_register_models``; a section name used twice is an error naming both plugins.
     """
 
 
@@ -253,9 +255,10 @@ def plait_checkpoint_state(config: JobConfig) -> dict[str, Any] | None:
 
 
 @hookspec
-def plait_checkpoint_save(step: int, path: str) -> None:
-    """Wrapper-friendly hook around saving one checkpoint (the core's implementation does
-    the save)."""
+def plait_checkpoint_save(checkpointer: Any, step: int, force: bool) -> None:
+    """Wrapper-friendly hook around each checkpoint save point (after every step). The
+    core's implementation calls ``checkpointer.save(step, force=force)``, which saves on
+    the interval, at the last step and on a stop signal."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -384,7 +385,7 @@ class Trainer:
                 self.hook.plait_train_step(ctx=ctx)
                 loss = self._global_mean(ctx.results["loss"])
                 grad_norm = float(ctx.results["grad_norm"])
-                if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self._diverged(step, loss, grad_norm)
                 self.train_state.step = step
                 self.train_state.tokens_seen += tokens_per_step * pd.dp_degree
@@ -398,7 +399,9 @@ class Trainer:
                 result.grad_norms[step] = grad_norm
                 result.last_step = step
                 stopping = self._agree(stop.requested)
-                self.checkpointer.save(step, force=step == total_steps or stopping)
+                self.hook.plait_checkpoint_save(
+                    checkpointer=self.checkpointer, step=step, force=step == total_steps or stopping
+                )
                 if stopping:
                     result.stopped_by_signal = True
                     break
