@@ -85,6 +85,9 @@ def select_plugins(selection: Selection):
             raise ConfigError(f"--model {selection.model} conflicts with recipe {selection.recipe!r}, "
                               f"which trains {base.model.name!r}: pass one of them")
         base.model.name = selection.model
+    if not base.model.name and selection.help:  # help for the core sections and --plugins
+        manager.enable(selection.plugins)
+        return manager, base
     if not base.model.name:
         models = manager.installed_models()
         raise ConfigError(
@@ -132,18 +135,10 @@ def resolve_train_config(argv: list[str]):
     from plait.train import validate_job, world_size_from_env
 
     selection, rest = parse_selection(argv)
-    if selection.help and not (selection.recipe or selection.model):
-        rest = rest + ["--help"]
-        from plait.config import JobConfig
-        from plait.plugins import PluginManager
-
-        manager = PluginManager()
-        manager.enable(selection.plugins)
-        parse_config(manager, JobConfig(), rest)  # prints help and exits
     manager, base = select_plugins(selection)
     if selection.help:
-        rest = rest + ["--help"]
-    config = parse_config(manager, base, rest)
+        rest = [*rest, "--help"]
+    config = parse_config(manager, base, rest)  # --help prints and exits here
     spec = manager.model_spec(config.model.name)
     validate_job(config, manager, spec, world_size_from_env())
     return manager, spec, config
