@@ -87,6 +87,21 @@ def plait_train_step(ctx: Any) -> None:
     run_train_step(ctx)
 
 
+@hookimpl
+def plait_after_optimizer_step(ctx: Any) -> None:
+    """Mixture-of-experts bookkeeping: expert-bias update and routing-balance metrics."""
+    from plait.nn.moe import finish_moe_step
+
+    dp_mesh = ctx.parallel_dims.get_optional_mesh("dp_cp")
+    moe = finish_moe_step(
+        ctx.model_parts,
+        bias_update_rate=ctx.config.moe.load_balance_coeff,
+        group=dp_mesh.get_group() if dp_mesh is not None else None,
+    )
+    if moe is not None:
+        ctx.results.setdefault("metrics", {}).update(moe.summary)
+        ctx.results.setdefault("metric_details", {}).update(moe.per_layer)
+
 
 @hookimpl
 def plait_checkpoint_save(checkpointer: Any, step: int, force: bool) -> None:

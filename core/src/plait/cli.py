@@ -1,4 +1,4 @@
-"""`plait` command line: train, plugins, convert.
+"""`plait` command line: train, plugins, plan, convert.
 
 `plait train` parses in two phases: first the plugin/model selection (--plugins,
 --model, --config), then the typed config of the core plus the enabled plugins'
@@ -21,6 +21,7 @@ USAGE = """usage: plait <command> [options]
 commands:
   train      train a model: plait train --config llama3_debugmodel [--section.field value ...]
   plugins    list installed plugins and recipes
+  plan       dry run at any scale: memory, parameters and FLOPs per rank, from one process
   convert    export a plait checkpoint to a Hugging Face folder
 
 `plait <command> --help` shows the options of a command."""
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": train_command, "plugins": plugins_command, "convert": convert_command}
+    commands = {"train": train_command, "plugins": plugins_command, "plan": plan_command, "convert": convert_command}
     try:
         if command not in commands:
             raise ConfigError(f"unknown command {command!r}; choose one of: {', '.join(commands)}")
@@ -130,17 +131,18 @@ def parse_config(manager, base, argv: list[str], *, prog: str = "plait train"):
     )
 
 
-def resolve_train_config(argv: list[str]):
-    """Phase 1 + phase 2 + every check that runs before any work. -> (manager, spec, config)."""
+def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog: str = "plait train"):
+    """Phase 1 + phase 2 + every check that runs before any work. -> (manager, spec, config).
+    The world size is torchrun's unless given."""
     from plait.train import validate_job, world_size_from_env
 
     selection, rest = parse_selection(argv)
     manager, base = select_plugins(selection)
     if selection.help:
         rest = [*rest, "--help"]
-    config = parse_config(manager, base, rest)  # --help prints and exits here
+    config = parse_config(manager, base, rest, prog=prog)  # --help prints and exits here
     spec = manager.model_spec(config.model.name)
-    validate_job(config, manager, spec, world_size_from_env())
+    validate_job(config, manager, spec, world_size_from_env() if world_size is None else world_size)
     return manager, spec, config
 
 
@@ -222,6 +224,35 @@ def plugins_command(argv: list[str]) -> int:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
     recipes = installed_recipes()
     print(f"\nrecipes ({len(recipes)}): " + (", ".join(recipes) or "none"))
+    return 0
+
+
+def plan_command(argv: list[str]) -> int:
+    """`plait plan --world-size N [train options]`: the run's layout and memory per rank."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--world-size", "--world_size", type=int, default=0)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--device-memory-gib", "--device_memory_gib", type=float, default=0.0)
+    known, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print("usage: plait plan --world-size N [--json FILE] [--device-memory-gib G] "
+              "--config RECIPE [--plugins a,b] [the options of plait train]\n\n"
+              "Builds the meshes and the parallelized model of the run for N ranks in this one process "
+              "(a fake process group stands in for the others), then reports per rank the parameters, "
+              "gradients, optimizer state, the activation peak of one micro-batch, the estimated peak "
+              "memory and the FLOPs per step. Invalid layouts fail as they would on hardware.\n")
+    if known.world_size < 1 and not ("-h" in rest or "--help" in rest):
+        raise ConfigError("plait plan needs the number of ranks to plan for: --world-size N (e.g. --world-size 512)")
+    if known.device_memory_gib < 0:
+        raise ConfigError(f"--device-memory-gib must be >= 0, got {known.device_memory_gib}")
+    manager, spec, config = resolve_train_config(rest, world_size=known.world_size, prog="plait plan")
+    from plait.plan import format_plan, plan
+
+    result = plan(config, manager, spec, known.world_size)
+    print(format_plan(result, device_memory_gib=known.device_memory_gib))
+    if known.json:
+        with open(known.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
     return 0
 
 

@@ -187,6 +187,24 @@ class MetricsSection:
         _require(self.log_freq > 0, f"--metrics.log_freq must be positive, got {self.log_freq}")
 
 
+@dataclass(kw_only=True, slots=True)
+class MoESection:
+    """Training options of mixture-of-experts layers; models without them ignore these."""
+
+    load_balance_coeff: float = 0.0
+    """Update rate of the expert biases that steer the top-k choice (aux-loss-free load
+    balancing, DeepSeek-V3): after each step, bias += rate * sign(mean load - expert load).
+    0 turns it off."""
+    aux_loss_coeff: float = 0.0
+    """Weight of the auxiliary load-balance loss (1.0 when balanced) in the training loss; 0 turns it off."""
+    aux_loss_type: Literal["sequence", "batch"] = "sequence"
+    """Balance loss per sequence (averaged) or over all tokens of a micro-batch."""
+
+    def validate(self) -> None:
+        _require(self.load_balance_coeff >= 0, f"--moe.load_balance_coeff must be >= 0, got {self.load_balance_coeff}")
+        _require(self.aux_loss_coeff >= 0, f"--moe.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
+
+
 @dataclass(kw_only=True)
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
@@ -200,6 +218,7 @@ class JobConfig:
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    moe: MoESection = field(default_factory=MoESection)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

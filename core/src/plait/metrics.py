@@ -365,8 +365,13 @@ class MetricsProcessor:
         tokens: int,
         seconds: float,
         extra: dict[str, float] | None = None,
+        details: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """Metrics of optimizer step ``step`` (1-based); logged every ``log_freq`` steps and at the last."""
+        """Metrics of optimizer step ``step`` (1-based); logged every ``log_freq`` steps and at the last.
+
+        ``extra`` scalars go to the console line and TensorBoard, ``details`` (breakdowns
+        too long for one line, e.g. per layer) to TensorBoard only; both are returned.
+        """
         if seconds <= 0:
             raise ValueError(f"step {step}: seconds must be positive, got {seconds}")
         tps = tokens / seconds / self.num_devices
@@ -381,9 +386,9 @@ class MetricsProcessor:
         if self.peak_flops > 0:
             metrics["mfu"] = 100 * self.flops_per_token * tps / self.peak_flops
         metrics["memory/peak_gib"] = peak_gib
-        for key, value in (extra or {}).items():
+        for key, value in [*(extra or {}).items(), *(details or {}).items()]:
             if key in metrics:
-                raise ValueError(f"extra metric {key!r} collides with a built-in metric; rename it")
+                raise ValueError(f"extra metric {key!r} collides with a built-in or another extra metric; rename it")
             metrics[key] = float(value)
 
         self._tokens.append(float(tokens))
@@ -393,7 +398,8 @@ class MetricsProcessor:
         if self.is_logging_rank and (step % self.config.log_freq == 0 or step == self.total_steps):
             color = _logger_writes_to_terminal(logger)
             # Printed above the progress line, which the update below draws again.
-            logger.info(format_step_line(step, metrics, step_width=self._step_width, color=color))
+            console = {key: value for key, value in metrics.items() if key not in (details or {})}
+            logger.info(format_step_line(step, console, step_width=self._step_width, color=color))
             if self._writer is not None:
                 for key, value in metrics.items():
                     self._writer.add_scalar(TENSORBOARD_NAMES.get(key, key), value, global_step=step)

@@ -76,6 +76,13 @@ class ModelSpec:
     pipeline_split_points: Callable[[Any, int], list[str]] | None = None
     #: attention implementation by name if it supports context parallelism, else None
     cp_attention: Literal["sdpa", "flex"] | None = None
+    #: module paths (patterns, ``*`` = one path component) of the attention kernels that
+    #: context parallelism wraps; each takes ``q, k, v`` as ``[batch, heads, seq, head_dim]``
+    cp_attention_modules: tuple[str, ...] = ()
+    #: buffers indexed by sequence position (attribute path -> sequence dim), e.g. a RoPE
+    #: table; context parallelism gives each rank the rows of its own positions (and
+    #: rebuilds a flex ``BlockMask`` attribute named here for them)
+    cp_sequence_buffers: Mapping[str, int] = field(default_factory=dict)
     #: module paths (patterns) that are MoE expert groups, for the ep plugin
     expert_modules: tuple[str, ...] = ()
     hf_adapter: HFAdapter | None = None

@@ -22,10 +22,11 @@ from torch import nn
 from plait.config import JobConfig
 from plait.errors import ConfigError, TrainingDivergedError
 from plait.model_spec import ModelSpec
+from plait.nn.moe import configure_moe_layers
 from plait.parallel_dims import ParallelDims
 from plait.parallelize import apply_activation_checkpointing, apply_compile
 from plait.plugins import PluginManager
-from plait.train_state import DeviceInfo, StepContext
+from plait.train_state import DeviceInfo, PipelineResult, StepContext
 
 logger = logging.getLogger("plait")
 
@@ -105,6 +106,49 @@ def validate_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, wor
     return parallel_dims
 
 
+def model_args_for(spec: ModelSpec, config: JobConfig) -> Any:
+    """The flavor's args, with the RoPE table sized for this run's sequence length."""
+    args = spec.args_for(config.model.flavor)
+    if dataclasses.is_dataclass(args) and "max_seq_len" in {f.name for f in dataclasses.fields(args)}:
+        args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
+    return args
+
+
+def build_model_parts(
+    config: JobConfig,
+    spec: ModelSpec,
+    parallel_dims: ParallelDims,
+    hook: Any,
+    *,
+    model_args: Any,
+    device: torch.device,
+    grad_accumulation_steps: int,
+) -> tuple[list[nn.Module], PipelineResult | None]:
+    """This rank's model chunks on the meta device, converted, split and parallelized in
+    the fixed order of DESIGN §4 (TP -> EP -> CP -> AC -> compile -> DP). The trainer
+    materializes them; ``plait plan`` measures them."""
+    pd = parallel_dims
+    with torch.device("meta"):
+        model = spec.build(model_args)
+    hook.plait_convert_model(model=model, config=config, model_spec=spec)
+    pipeline = hook.plait_pipeline_split(
+        model=model, config=config, parallel_dims=pd, model_spec=spec, device=device
+    )
+    parts = pipeline.model_parts if pipeline is not None else [model]
+    common = dict(config=config, parallel_dims=pd, model_spec=spec)
+    dispatcher = hook.plait_token_dispatcher(config=config, parallel_dims=pd)
+    for part in parts:
+        configure_moe_layers(part, aux_loss_coeff=config.moe.aux_loss_coeff, aux_loss_type=config.moe.aux_loss_type,
+                             grad_accumulation_steps=grad_accumulation_steps, dispatcher=dispatcher)
+        hook.plait_apply_tensor_parallel(model=part, **common)
+        hook.plait_apply_expert_parallel(model=part, **common)
+        hook.plait_apply_context_parallel(model=part, **common)
+        apply_activation_checkpointing(part, config.activation_checkpoint, spec.block_container)
+        apply_compile(part, config.compile, spec.block_container)
+        hook.plait_apply_data_parallel(model=part, **common)
+    return parts, pipeline
+
+
 class _StopRequest:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits after the step.
     A second SIGINT interrupts at once."""
@@ -159,7 +203,7 @@ class Trainer:
             dp_world_size=pd.dp_degree,
         )
         self.grad_accumulation_steps = grad_accumulation_steps(config, pd)
-        self.model_args = self._model_args()
+        self.model_args = model_args_for(spec, config)
         self._check_vocab()
         self.model_parts, self.pipeline = self._build_model()
         self.loss_fn = spec.loss_fn or token_cross_entropy
@@ -239,13 +283,6 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
 
-    def _model_args(self) -> Any:
-        """The flavor's args, with the RoPE table sized for this run's sequence length."""
-        args = self.spec.args_for(self.config.model.flavor)
-        if dataclasses.is_dataclass(args) and "max_seq_len" in {f.name for f in dataclasses.fields(args)}:
-            args = dataclasses.replace(args, max_seq_len=self.config.training.seq_len)
-        return args
-
     def _check_vocab(self) -> None:
         model_vocab = getattr(self.model_args, "vocab_size", None)
         if model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
@@ -256,22 +293,11 @@ class Trainer:
             )
 
     def _build_model(self) -> tuple[list[nn.Module], Any]:
-        config, spec, pd, hook = self.config, self.spec, self.parallel_dims, self.hook
-        with torch.device("meta"):
-            model = spec.build(self.model_args)
-        hook.plait_convert_model(model=model, config=config, model_spec=spec)
-        pipeline = hook.plait_pipeline_split(
-            model=model, config=config, parallel_dims=pd, model_spec=spec, device=self.device
+        config, pd = self.config, self.parallel_dims
+        parts, pipeline = build_model_parts(
+            config, self.spec, pd, self.hook, model_args=self.model_args, device=self.device,
+            grad_accumulation_steps=self.grad_accumulation_steps,
         )
-        parts = pipeline.model_parts if pipeline is not None else [model]
-        common = dict(config=config, parallel_dims=pd, model_spec=spec)
-        for part in parts:
-            hook.plait_apply_tensor_parallel(model=part, **common)
-            hook.plait_apply_expert_parallel(model=part, **common)
-            hook.plait_apply_context_parallel(model=part, **common)
-            apply_activation_checkpointing(part, config.activation_checkpoint, spec.block_container)
-            apply_compile(part, config.compile, spec.block_container)
-            hook.plait_apply_data_parallel(model=part, **common)
         reference = self._reference_weights() if pd.world_size > 1 and config.training.deterministic else None
         for part in parts:
             part.to_empty(device=self.device)
@@ -282,7 +308,7 @@ class Trainer:
                 self._load_reference_weights(part, reference)
             part.train()
         n_params = sum(p.numel() for part in parts for p in part.parameters())
-        logger.info("model %s/%s: %s parameters", spec.name, config.model.flavor, f"{n_params:,}")
+        logger.info("model %s/%s: %s parameters", self.spec.name, config.model.flavor, f"{n_params:,}")
         return parts, pipeline
 
     def _reference_weights(self) -> dict[str, torch.Tensor]:
@@ -346,7 +372,8 @@ class Trainer:
         hf_config, hf_state = load_hf_folder(hf_dir)
         self._check_hf_config(hf_dir, hf_config)
         state = self.spec.hf_adapter.from_hf(hf_state, self.model_args)
-        options = StateDictOptions(full_state_dict=True, strict=len(self.model_parts) == 1)
+        # A pipeline stage holds a subset of the model even when it is this rank's only part.
+        options = StateDictOptions(full_state_dict=True, strict=self.pipeline is None)
         for part in self.model_parts:
             set_model_state_dict(part, state, options=options)
         logger.info("initialized weights from %s", hf_dir)
@@ -391,7 +418,8 @@ class Trainer:
                 self.train_state.tokens_seen += tokens_per_step * pd.dp_degree
                 seconds = time.perf_counter() - start
                 metrics = self.metrics.record_step(
-                    step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step * pd.dp_degree, seconds=seconds
+                    step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step * pd.dp_degree, seconds=seconds,
+                    extra=ctx.results.get("metrics"), details=ctx.results.get("metric_details"),
                 )
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
@@ -477,6 +505,16 @@ def default_forward_backward(ctx: StepContext) -> torch.Tensor:
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
+def forward_backward_micro_batch(ctx: StepContext) -> torch.Tensor:
+    """Forward and backward of ``ctx.inputs`` inside the plugins' step contexts; the loss."""
+    hook = ctx.hook
+    with contextlib.ExitStack() as stack:
+        for manager in hook.plait_train_context(config=ctx.config, parallel_dims=ctx.parallel_dims, ctx=ctx):
+            stack.enter_context(manager)
+        loss = hook.plait_forward_backward(ctx=ctx)
+        return default_forward_backward(ctx) if loss is None else loss
+
+
 def run_train_step(ctx: StepContext) -> None:
     """One optimizer step: micro-batches with gradient accumulation, clipping, AdamW, LR."""
     hook = ctx.hook
@@ -484,12 +522,7 @@ def run_train_step(ctx: StepContext) -> None:
     total_loss = None
     for _ in range(ctx.grad_accumulation_steps):
         ctx.inputs, ctx.labels = next(ctx.batches)
-        with contextlib.ExitStack() as stack:
-            for manager in hook.plait_train_context(config=ctx.config, parallel_dims=ctx.parallel_dims, ctx=ctx):
-                stack.enter_context(manager)
-            loss = hook.plait_forward_backward(ctx=ctx)
-            if loss is None:
-                loss = default_forward_backward(ctx)
+        loss = forward_backward_micro_batch(ctx)
         total_loss = loss if total_loss is None else total_loss + loss
     params = [p for part in ctx.model_parts for p in part.parameters()]
     ctx.results["grad_norm"] = clip_grad_norm_(

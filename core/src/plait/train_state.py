@@ -54,5 +54,6 @@ class StepContext:
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
     #: the plugin manager's hook relay, for hooks called inside the step
     hook: Any = None
-    #: filled by the step: summed loss, grad norm, ...
+    #: filled by the step: summed loss, grad norm, ...; hooks may add scalars to log under
+    #: "metrics" (console and TensorBoard) and "metric_details" (TensorBoard only)
     results: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,247 @@
+"""``plait plan``: what a run needs on each rank, for any world size, from one process.
+
+A fake process-group backend stands in for the other ranks, so the run's real code
+builds its real meshes and parallelizes its real model (on the meta device) exactly as
+it would on the cluster: an invalid layout fails here with the error it would give there.
+Then the model is materialized as fake tensors (no memory) and one micro-batch runs
+forward and backward under ``MemoryWatch``; collectives return garbage on fake tensors,
+which only values, not shapes or memory, depend on.
+
+One rank per pipeline stage is simulated (its first); data- and tensor-parallel ranks
+are symmetric, up to the padding of uneven FSDP shards, which rank 0 carries.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.config import JobConfig
+from plait.memory_watch import MemoryWatch
+from plait.model_spec import ModelSpec
+from plait.parallel_dims import ParallelDims
+from plait.plugins import PluginManager
+from plait.train import (
+    build_model_parts,
+    forward_backward_micro_batch,
+    grad_accumulation_steps,
+    model_args_for,
+    token_cross_entropy,
+    validate_job,
+)
+from plait.train_state import StepContext
+
+#: Optimizer state tensors per parameter, each of the parameter's dtype.
+OPTIMIZER_STATES_PER_PARAMETER = {"AdamW": 2}
+
+
+@dataclass(kw_only=True)
+class RankPlan:
+    rank: int
+    pp_stage: int
+    parameters: int
+    """Elements of the parameters this rank holds (its shards)."""
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    grad_accumulation_steps: int
+    step_peak_bytes: int | None
+    """Peak of everything else live during one micro-batch's forward and backward:
+    activations, tensors saved for backward, gathered parameters, gradients as they are
+    produced, temporaries. None when it could not be measured (see ``note``)."""
+    note: str = ""
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """Estimated peak per device in steady state (optimizer state already allocated;
+        with gradient accumulation, the gradients of earlier micro-batches as well)."""
+        if self.step_peak_bytes is None:
+            return None
+        held_gradients = self.gradient_bytes if self.grad_accumulation_steps > 1 else 0
+        return self.parameter_bytes + self.optimizer_bytes + held_gradients + self.step_peak_bytes
+
+
+@dataclass(kw_only=True)
+class Plan:
+    model: str
+    flavor: str
+    world_size: int
+    layout: str
+    meshes: dict[str, int]
+    total_parameters: int
+    seq_len: int
+    local_batch_size: int
+    grad_accumulation_steps: int
+    tokens_per_step: int
+    flops_per_token: float
+    activation_checkpoint: str
+    dtype: str
+    ranks: list[RankPlan] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.flops_per_token * self.tokens_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        document = dataclasses.asdict(self)
+        document["flops_per_step"] = self.flops_per_step
+        for rank, data in zip(self.ranks, document["ranks"]):
+            data["peak_bytes"] = rank.peak_bytes
+        return document
+
+
+def plan(config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size: int,
+         *, ranks: list[int] | None = None) -> Plan:
+    """The plan of ``config`` on ``world_size`` ranks; ``ranks`` defaults to the first
+    rank of every pipeline stage."""
+    start = time.perf_counter()
+    parallel_dims = validate_job(config, manager, spec, world_size)
+    config = copy.deepcopy(config)
+    config.compile.enable = False  # compile fuses kernels; it does not change what is sharded
+    model_args = model_args_for(spec, config)
+    with torch.device("meta"):
+        total_parameters = sum(p.numel() for p in spec.build(model_args).parameters())
+    accumulation = grad_accumulation_steps(config, parallel_dims)
+    stage_size = world_size // parallel_dims.pp
+    result = Plan(
+        model=spec.name,
+        flavor=config.model.flavor,
+        world_size=world_size,
+        layout=parallel_dims.describe(),
+        meshes={},
+        total_parameters=total_parameters,
+        seq_len=config.training.seq_len,
+        local_batch_size=config.training.local_batch_size,
+        grad_accumulation_steps=accumulation,
+        tokens_per_step=accumulation * config.training.local_batch_size * config.training.seq_len
+        * parallel_dims.dp_degree,
+        flops_per_token=spec.flops_per_token(model_args, config.training.seq_len),
+        activation_checkpoint=config.activation_checkpoint.mode,
+        dtype=config.training.dtype,
+    )
+    for rank in ranks if ranks is not None else [stage * stage_size for stage in range(parallel_dims.pp)]:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the world of {world_size} ranks")
+        result.ranks.append(_simulate_rank(rank, config, manager, spec, world_size, model_args, accumulation, result))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _simulate_rank(rank: int, config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size: int,
+                   model_args: Any, accumulation: int, result: Plan) -> RankPlan:
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    if dist.is_initialized():
+        raise RuntimeError("plait plan simulates ranks itself; run it without torchrun")
+    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
+    if world_size > 1:
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        if world_size > 1:
+            parallel_dims.build_mesh("cpu")
+            manager.hook.plait_mesh_built(parallel_dims=parallel_dims, config=config)
+            result.meshes = {name: parallel_dims.get_mesh(name).size() for name in parallel_dims.mesh_names()}
+        parts, _pipeline = build_model_parts(
+            config, spec, parallel_dims, manager.hook, model_args=model_args, device=torch.device("cpu"),
+            grad_accumulation_steps=accumulation,
+        )
+        return _measure(rank, parts, config, manager, spec, parallel_dims, accumulation, model_args)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _measure(rank: int, parts: list[nn.Module], config: JobConfig, manager: PluginManager, spec: ModelSpec,
+             parallel_dims: ParallelDims, accumulation: int, model_args: Any) -> RankPlan:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pp_mesh = parallel_dims.get_optional_mesh("pp")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for part in parts:
+            part.to_empty(device="cpu")
+            part.train()
+        parameters = list({id(p): p for part in parts for p in part.parameters()}.values())
+        local = [getattr(p, "_local_tensor", p) for p in parameters]
+        parameter_bytes = sum(t.numel() * t.element_size() for t in local)
+        gradient_bytes = sum(t.numel() * t.element_size() for t, p in zip(local, parameters) if p.requires_grad)
+        states = OPTIMIZER_STATES_PER_PARAMETER.get(config.optimizer.name, 2)
+        plan = RankPlan(
+            rank=rank,
+            pp_stage=pp_mesh.get_local_rank() if pp_mesh is not None else 0,
+            parameters=sum(t.numel() for t in local),
+            parameter_bytes=parameter_bytes,
+            gradient_bytes=gradient_bytes,
+            optimizer_bytes=states * gradient_bytes,
+            grad_accumulation_steps=accumulation,
+            step_peak_bytes=None,
+        )
+        if spec.data_pipeline is not None:
+            plan.note = f"{spec.name} brings its own data pipeline; the step was not simulated"
+            return plan
+        watch = MemoryWatch()
+        with watch:
+            watch.adopt([*parameters, *(b for part in parts for b in part.buffers())])
+            before = watch.live_bytes
+            watch.reset_peak()
+            tokens = torch.randint(0, getattr(model_args, "vocab_size", 2), (config.training.local_batch_size,
+                                                                           config.training.seq_len + 1))
+            ctx = StepContext(
+                step=1, config=config, parallel_dims=parallel_dims, model_parts=parts, optimizer=None,
+                lr_scheduler=None, loss_fn=spec.loss_fn or token_cross_entropy,
+                grad_accumulation_steps=accumulation, hook=manager.hook,
+                inputs=tokens[:, :-1], labels=tokens[:, 1:],
+            )
+            forward_backward_micro_batch(ctx)
+        plan.step_peak_bytes = watch.peak_bytes - before
+        return plan
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def format_plan(plan: Plan, *, device_memory_gib: float = 0.0) -> str:
+    lines = [
+        f"plait plan: {plan.model}/{plan.flavor} on {plan.world_size} ranks",
+        f"  layout      {plan.layout}",
+        "  meshes      " + (", ".join(f"{name} {size}" for name, size in plan.meshes.items()) or "none (one rank)"),
+        f"  model       {plan.total_parameters:,} parameters; {plan.flops_per_token:.3g} FLOPs per token "
+        f"(forward + backward)",
+        f"  step        {plan.tokens_per_step:,} tokens (local batch {plan.local_batch_size} × seq {plan.seq_len}"
+        f" × accumulation {plan.grad_accumulation_steps} × dp); {plan.flops_per_step:.3g} FLOPs, "
+        f"{plan.flops_per_step / plan.world_size:.3g} per rank",
+        f"  memory      {plan.dtype} compute, fp32 master weights, activation checkpointing "
+        f"'{plan.activation_checkpoint}'; one micro-batch",
+    ]
+    for rank in plan.ranks:
+        lines += [
+            f"  rank {rank.rank} (pipeline stage {rank.pp_stage})      elements        memory",
+            f"    parameters          {rank.parameters:>16,}  {_size(rank.parameter_bytes):>12}",
+            f"    gradients           {'':>16}  {_size(rank.gradient_bytes):>12}",
+            f"    optimizer state     {'':>16}  {_size(rank.optimizer_bytes):>12}",
+            f"    step peak           {'':>16}  {_size(rank.step_peak_bytes):>12}   activations, saved tensors, "
+            "gathered parameters, gradients and temporaries of one micro-batch",
+            f"    estimated peak      {'':>16}  {_size(rank.peak_bytes):>12}",
+        ]
+        if rank.note:
+            lines.append(f"    note: {rank.note}")
+        if device_memory_gib and rank.peak_bytes is not None:
+            fits = rank.peak_bytes <= device_memory_gib * 2**30
+            lines.append(f"    fits in {device_memory_gib:g} GiB: {'yes' if fits else 'NO'}")
+    lines.append(f"  planned in {plan.seconds:.1f} s")
+    return "\n".join(lines)
