@@ -1,5 +1,5 @@
-"""FSDP × TP on a 2-D mesh (4 gloo ranks) trains like one process, and a checkpoint saved
-under FSDP 4 resumes under FSDP 2 × TP 2 with the same losses."""
+"""FSDP × TP on a 2-D mesh (4 gloo ranks) and FSDP 4 train like one process, and a checkpoint
+saved under FSDP 4 resumes under FSDP 2 × TP 2 with the same losses."""
 import shutil
 
 import pytest
@@ -52,9 +52,9 @@ def test_fsdp2_x_tp2_matches_one_process(tmp_path, reference):
     assert_close(losses, reference, range(1, STEPS + 1))
 
 
-def test_fsdp4_checkpoint_resumes_under_fsdp2_x_tp2(tmp_path, reference):
+def test_fsdp4_matches_one_process_and_resumes_under_fsdp2_x_tp2(tmp_path, reference):
     first = job(tmp_path / "fsdp4", "--plugins", "fsdp", "--parallelism.dp_shard", "4", local_batch_size=1)
-    run_ranks(4, first, tmp_path / "first.json")
+    assert_close(run_ranks(4, first, tmp_path / "first.json")["losses"], reference, range(1, STEPS + 1))
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoint").mkdir(parents=True)
     shutil.copytree(tmp_path / "fsdp4" / "checkpoint" / "step-3", resumed_dir / "checkpoint" / "step-3")

@@ -26,6 +26,19 @@ def test_spec_fields() -> None:
     assert spec.args_for("debugmodel") is FLAVORS["debugmodel"]
 
 
+def test_context_parallel_fields_name_real_modules_and_buffers() -> None:
+    spec = llama3_spec()
+    with torch.device("meta"):
+        model = spec.build(TINY)
+    modules = dict(model.named_modules())
+    for layer in range(TINY.n_layers):
+        assert type(modules[f"layers.{layer}.attention.sdpa"]).__name__ == "ScaledDotProductAttention"
+    assert spec.cp_attention_modules == ("layers.*.attention.sdpa",)
+    buffers = dict(model.named_buffers())
+    for path, seq_dim in spec.cp_sequence_buffers.items():
+        assert buffers[path].shape[seq_dim] == TINY.max_seq_len  # the RoPE table, one row per position
+
+
 def test_flops_per_token() -> None:
     spec = llama3_spec()
     args = FLAVORS["8B"]

@@ -12,6 +12,10 @@ FLAVORS: dict[str, ModelArgs] = {
     "debugmodel_tiny": ModelArgs(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=64, rope_theta=500000.0
     ),
+    # debugmodel_tiny with 4 blocks: enough stages for interleaved pipeline schedules.
+    "debugmodel_tiny4": ModelArgs(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=64, rope_theta=500000.0
+    ),
     # Published Llama 3.1 sizes (128K context through RoPE frequency scaling).
     "8B": ModelArgs(
         dim=4096,
@@ -116,5 +120,7 @@ def llama3_spec() -> ModelSpec:
         tp_plan=TP_PLAN,
         pipeline_split_points=pipeline_split_points,
         cp_attention="sdpa",
+        cp_attention_modules=("layers.*.attention.sdpa",),
+        cp_sequence_buffers={"rope_cache": 0},
         hf_adapter=Llama3HFAdapter(),
     )

@@ -1,0 +1,120 @@
+"""Plugin module: context parallelism. Light at import; torch's context-parallel APIs
+load when a run uses them."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from plait import hookimpl
+from plait.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from plait.config import JobConfig
+    from plait.model_spec import ModelSpec
+    from plait.parallel_dims import ParallelDims
+    from plait.train_state import StepContext
+
+    from plait_context_parallel.config import ContextParallelConfig
+
+PLAIT_API_VERSION = 1
+PROVIDES = ("cp",)
+REQUIRES = ("fsdp",)  # gradients are reduced over dp_shard × cp by FSDP
+DESCRIPTION = "context-parallel: sequence sharding over cp ranks, ring attention, head-tail load balancing"
+
+logger = logging.getLogger("plait.context_parallel")
+
+
+@hookimpl
+def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
+    from plait_context_parallel.config import ContextParallelConfig
+
+    register("context_parallel", ContextParallelConfig)
+
+
+def _section(config: JobConfig) -> ContextParallelConfig:
+    from plait_context_parallel.config import ContextParallelConfig
+
+    return getattr(config, "context_parallel", None) or ContextParallelConfig()
+
+
+@hookimpl
+def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+    cp = parallel_dims.cp
+    if cp <= 1:
+        return
+    if model_spec.cp_attention is None:
+        raise ConfigError(
+            f"model {model_spec.name!r} does not support context parallelism (its spec sets "
+            f"cp_attention=None), so it cannot run with --parallelism.cp {cp}: use --parallelism.cp 1, "
+            "or give its ModelSpec a cp_attention ('sdpa' or 'flex') and cp_attention_modules"
+        )
+    if not model_spec.cp_attention_modules:
+        raise ConfigError(
+            f"model {model_spec.name!r} sets cp_attention={model_spec.cp_attention!r} but names no "
+            "cp_attention_modules, so context parallelism cannot find its attention: add the module "
+            "path patterns to its ModelSpec (e.g. cp_attention_modules=('layers.*.attention.sdpa',))"
+        )
+    seq_len = config.training.seq_len
+    divisor = parallel_dims.seq_len_divisor
+    if seq_len % divisor:
+        suggestion = max(divisor, seq_len // divisor * divisor)
+        sequence_parallel = f", and sequence parallelism splits them over tp {parallel_dims.tp}"
+        raise ConfigError(
+            f"--training.seq_len {seq_len} must be a multiple of {divisor}: load-balanced context "
+            f"parallelism cuts each sequence into 2 × cp = {2 * cp} equal chunks"
+            f"{sequence_parallel if parallel_dims.tp > 1 else ''}; use e.g. --training.seq_len {suggestion}"
+        )
+    section = _section(config)  # its own validate() checked the values
+    if model_spec.cp_attention == "flex" and section.rotate_method != "allgather":
+        raise ConfigError(
+            f"--context_parallel.rotate_method {section.rotate_method} applies to SDPA ring attention "
+            f"only; model {model_spec.name!r} uses flex attention, which all-gathers keys and values: "
+            "use --context_parallel.rotate_method allgather"
+        )
+    if model_spec.cp_attention == "sdpa":
+        _check_cpu_ring_attention()
+
+
+def _check_cpu_ring_attention() -> None:
+    """On a machine without a GPU, CP SDPA runs on CPU and needs our ring-attention routes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from plait_context_parallel.cpu_ring_attention import check_supported
+
+        check_supported()
+
+
+@hookimpl
+def plait_apply_context_parallel(
+    model: nn.Module, config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec
+) -> None:
+    if parallel_dims.cp <= 1:
+        return
+    from plait_context_parallel.attention import set_rotate_method
+    from plait_context_parallel.micro_batch import prepare_chunk
+
+    cp_mesh = parallel_dims.get_mesh("cp")
+    if cp_mesh.device_type == "cpu" and model_spec.cp_attention == "sdpa":
+        from plait_context_parallel import cpu_ring_attention
+
+        cpu_ring_attention.install()
+    rotate_method = _section(config).rotate_method
+    set_rotate_method(rotate_method)
+    prepared = prepare_chunk(model, cp_mesh, model_spec)
+    logger.info(
+        "context parallel over %d ranks: %d %s attention modules, sequence buffers %s, rotate %s",
+        parallel_dims.cp, len(prepared.attention_paths), model_spec.cp_attention,
+        [f"{b.name} (dim {b.seq_dim})" for b in prepared.sequence_buffers], rotate_method,
+    )  # fmt: skip
+
+
+@hookimpl
+def plait_train_context(config: JobConfig, parallel_dims: ParallelDims, ctx: StepContext) -> Any:
+    if parallel_dims.cp <= 1:
+        return None
+    from plait_context_parallel.micro_batch import context_parallel_micro_batch
+
+    return context_parallel_micro_batch(ctx, parallel_dims.get_mesh("cp"))
