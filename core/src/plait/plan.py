@@ -129,13 +129,15 @@ def plan(config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size:
     for rank in ranks if ranks is not None else [stage * stage_size for stage in range(parallel_dims.pp)]:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the world of {world_size} ranks")
-        result.ranks.append(_simulate_rank(rank, config, manager, spec, world_size, model_args, accumulation, result))
+        rank_plan, result.meshes = _simulate_rank(rank, config, manager, spec, world_size, model_args, accumulation)
+        result.ranks.append(rank_plan)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _simulate_rank(rank: int, config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size: int,
-                   model_args: Any, accumulation: int, result: Plan) -> RankPlan:
+                   model_args: Any, accumulation: int) -> tuple[RankPlan, dict[str, int]]:
+    """This rank's plan and the sizes of the meshes it built."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     if dist.is_initialized():
@@ -147,12 +149,12 @@ def _simulate_rank(rank: int, config: JobConfig, manager: PluginManager, spec: M
         if world_size > 1:
             parallel_dims.build_mesh("cpu")
             manager.hook.plait_mesh_built(parallel_dims=parallel_dims, config=config)
-            result.meshes = {name: parallel_dims.get_mesh(name).size() for name in parallel_dims.mesh_names()}
+        meshes = {name: parallel_dims.get_mesh(name).size() for name in parallel_dims.mesh_names()}
         parts, _pipeline = build_model_parts(
             config, spec, parallel_dims, manager.hook, model_args=model_args, device=torch.device("cpu"),
             grad_accumulation_steps=accumulation,
         )
-        return _measure(rank, parts, config, manager, spec, parallel_dims, accumulation, model_args)
+        return _measure(rank, parts, config, manager, spec, parallel_dims, accumulation, model_args), meshes
     finally:
         if world_size > 1:
             dist.destroy_process_group()
