@@ -187,6 +187,24 @@ def test_tensorboard_sees_the_exact_values(tmp_path: Path) -> None:
             assert scalar.value == np.float32(expected[scalar.step][key]), (tag, scalar.step)
 
 
+def test_details_go_to_tensorboard_but_not_to_the_console(tmp_path: Path, plait_log) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mp = make_processor(tmp_path, config=MetricsSection(progress="off"))
+    details = {f"moe/layer{i}/max_load_ratio": 1.0 + i for i in range(3)}
+    metrics = record(mp, 10, extra={"moe/max_load_ratio": 3.0}, details=details)
+    mp.close()
+
+    assert metrics["moe/layer2/max_load_ratio"] == 3.0 and metrics["moe/max_load_ratio"] == 3.0
+    (line,) = plait_log.messages
+    assert line.endswith("moe/max_load_ratio 3") and "layer" not in line
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"moe/max_load_ratio", *details} <= set(events.Tags()["scalars"])
+    with pytest.raises(ValueError, match="collides"):
+        record(make_processor(tmp_path / "again"), 1, extra={"a": 1.0}, details={"a": 2.0})
+
+
 def test_non_logging_rank_prints_and_writes_nothing(tmp_path: Path, plait_log) -> None:
     terminal = FakeTerminal()
     config = MetricsSection(progress="on")

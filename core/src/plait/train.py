@@ -483,17 +483,26 @@ def clip_grad_norm_(
     parameters: list[nn.Parameter], max_norm: float, pp_mesh: Any = None
 ) -> torch.Tensor:
     """Total L2 norm of all gradients (over shards and pipeline stages); clips if max_norm > 0."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
+    # DTensors on different meshes (experts under ep) cannot mix in one foreach op: group them.
+    by_mesh: dict[Any, list[nn.Parameter]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
+    norms = [_full_norm([p.grad for p in group]) for group in by_mesh.values()] or [_full_norm([])]
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).norm()
     if pp_mesh is not None:
         total = total**2
         dist.all_reduce(total, group=pp_mesh.get_group())
         total = total**0.5
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total
+
+
+def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def default_forward_backward(ctx: StepContext) -> torch.Tensor:

@@ -63,7 +63,9 @@ class MoEArgs:
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.hidden_dim < 1:
-            raise ConfigError(f"MoE: num_experts ({self.num_experts}) and hidden_dim ({self.hidden_dim}) must be positive")
+            raise ConfigError(
+                f"MoE: num_experts ({self.num_experts}) and hidden_dim ({self.hidden_dim}) must be positive"
+            )
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"MoE: top_k ({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
         if self.num_shared_experts < 0:
@@ -338,7 +340,8 @@ def _try_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         rows = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
         weight = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
         offsets = torch.tensor([16, 32], device=device, dtype=torch.int32)
-        torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets).backward(torch.ones(32, 16, device=device, dtype=dtype))
+        out = torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+        out.backward(torch.ones_like(out))
     except (RuntimeError, NotImplementedError):
         return False
     return True
@@ -390,10 +393,10 @@ class GroupedExperts(nn.Module):
     def _use_grouped_mm(self, tokens: torch.Tensor, *, hidden_dim: int) -> bool:
         if self.implementation != "auto":
             return self.implementation == "grouped_mm"
-        # Rows of 16-byte multiples, and bf16 under torch.compile: the rules of the CUDA
-        # kernel, which torch also applies when it traces the op.
+        # Rows of 16-byte multiples, and bf16 when traced (torch.compile) or on fake tensors
+        # (plait plan): the rules of the CUDA kernel, which torch applies to its shape function.
         aligned = all(size * tokens.element_size() % 16 == 0 for size in (tokens.shape[-1], hidden_dim))
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or type(tokens) is not torch.Tensor:
             return aligned and tokens.dtype == torch.bfloat16
         return aligned and grouped_mm_supported(tokens.device, tokens.dtype)
 
@@ -562,7 +565,8 @@ def finish_moe_step(
 
     Metrics: ``moe/max_load_ratio`` (worst layer: most-loaded expert over the mean load;
     1 is perfect balance), ``moe/aux_loss`` (mean balance loss, when it is on) and
-    ``moe/<layer>/max_load_ratio`` per layer.
+    ``moe/<layer>/max_load_ratio`` per layer. Under pipeline parallelism each rank
+    reports the layers of its own stages.
     """
     layers = moe_layers(model_parts)
     if not layers:

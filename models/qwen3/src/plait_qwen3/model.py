@@ -1,0 +1,227 @@
+"""The Qwen3 decoder: token embedding, ``n_layers`` pre-norm blocks, final norm, LM head.
+
+Each block is attention with per-head RMSNorm on the queries and keys (before RoPE) and
+an explicit ``head_dim``, followed by either a dense SwiGLU feed-forward or a
+mixture-of-experts layer (``plait.nn.MoE``, softmax top-k routing).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.errors import ConfigError
+from plait.nn import FeedForward, MoE, MoEArgs, RMSNorm, ScaledDotProductAttention, apply_rope, rope_cache
+
+AttentionMask = Literal["causal", "block_causal"]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelArgs:
+    """Qwen3 hyperparameters. Frozen: derive variants with ``dataclasses.replace``."""
+
+    dim: int = 4096
+    n_layers: int = 36
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    """Width of one attention head; ``n_heads * head_dim`` may differ from ``dim``."""
+    vocab_size: int = 151936
+    ffn_hidden_dim: int = 12288
+    """Width of the dense SwiGLU (HF ``intermediate_size``); MoE flavors keep the published value unused."""
+    moe: MoEArgs | None = None
+    """Mixture of experts in every block instead of the dense feed-forward; None = dense."""
+    norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_seq_len: int = 40960
+    """Longest sequence the RoPE cache covers."""
+    tie_word_embeddings: bool = False
+    """Share the embedding matrix with the LM head (the 0.6B, 1.7B and 4B models)."""
+    attention_mask: AttentionMask = "causal"
+    """``block_causal`` (document-masked, variable-length attention) needs an attention
+    front-end that the core does not offer yet; it is refused."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_hidden_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"qwen3: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"qwen3: head_dim ({self.head_dim}) must be even for RoPE")
+        if self.attention_mask != "causal":
+            raise ConfigError(
+                f"qwen3: attention_mask {self.attention_mask!r} (document-masked, variable-length attention) is "
+                "not supported: the core's attention (plait.nn.attention) is causal SDPA over whole sequences; "
+                "use attention_mask='causal'"
+            )
+
+
+def count_parameters(args: ModelArgs, *, include_embedding: bool = True, active_only: bool = False) -> int:
+    """Parameters counted from the args (the LM head is not an embedding). ``active_only``
+    counts the experts one token uses: ``top_k`` routed ones plus the shared ones."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.kv_heads) + 2 * args.head_dim
+    if args.moe is None:
+        feed_forward = 3 * args.dim * args.ffn_dim
+    else:
+        experts = args.moe.top_k if active_only else args.moe.num_experts
+        shared = 3 * args.dim * args.moe.hidden_dim * args.moe.num_shared_experts
+        feed_forward = 3 * args.dim * args.moe.hidden_dim * experts + shared + args.dim * args.moe.num_experts
+    block = attention + feed_forward + 2 * args.dim
+    total = args.n_layers * block + args.dim + args.vocab_size * args.dim
+    if include_embedding and not args.tie_word_embeddings:
+        total += args.vocab_size * args.dim
+    return total
+
+
+class ScaledAttention(ScaledDotProductAttention):
+    """Causal SDPA with an explicit softmax scale (``head_dim ** -0.5``); a module of its
+    own so that context parallelism can wrap exactly it."""
+
+    def __init__(self, *, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
+
+
+class Attention(nn.Module):
+    """Grouped-query causal attention with RMSNorm over each query and key head.
+
+    Heads are recovered with ``view(batch, seq, -1, head_dim)``, so a tensor-parallel
+    plan that shards ``wq``/``wk``/``wv`` column-wise works on each rank's heads.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
+        self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
+        self.sdpa = ScaledAttention(scale=args.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q_norm(self.wq(x).view(batch, seq_len, -1, self.head_dim))
+        k = self.k_norm(self.wk(x).view(batch, seq_len, -1, self.head_dim))
+        v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
+        q, k = apply_rope(q, rope_cache), apply_rope(k, rope_cache)
+
+        queries_per_kv = q.shape[2] // k.shape[2]
+        if queries_per_kv > 1:
+            k = k.repeat_interleave(queries_per_kv, dim=2)
+            v = v.repeat_interleave(queries_per_kv, dim=2)
+
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+        self.q_norm.reset_parameters()
+        self.k_norm.reset_parameters()
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block; its second half is ``feed_forward`` (dense) or ``moe``."""
+
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=args.ffn_dim) if args.moe is None else None
+        self.moe = MoE(dim=args.dim, args=args.moe) if args.moe is not None else None
+        # Residual-path projections shrink with depth so deep stacks start stable.
+        self.out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
+
+    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
+        mlp = self.moe if self.moe is not None else self.feed_forward
+        return h + mlp(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std=0.02, out_std=self.out_std)
+        mlp = self.moe if self.moe is not None else self.feed_forward
+        mlp.init_weights(std=0.02, out_std=self.out_std)
+
+
+class Transformer(nn.Module):
+    """``forward(tokens[B, S]) -> logits[B, S, vocab]``.
+
+    A pipeline stage may delete entries of ``layers`` and set ``tok_embeddings``,
+    ``norm`` or ``output`` to None; ``forward`` then takes and returns hidden states
+    where those modules are missing.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer(
+            "rope_cache", torch.empty(args.max_seq_len, 2 * args.head_dim, dtype=torch.float32), persistent=False
+        )
+        self._tie_weights()
+
+    def _tie_weights(self) -> None:
+        if self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:
+            if self.output.weight is not self.tok_embeddings.weight:
+                self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        # Moving or materializing (``to_empty``) replaces parameters one module at a time,
+        # which would silently untie a shared embedding / LM head; tie them again.
+        super()._apply(fn, recurse)
+        self._tie_weights()
+        return self
+
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer from the global torch RNG (call under no_grad)."""
+        args = self.args
+        table = rope_cache(args.head_dim, args.max_seq_len, theta=args.rope_theta, device=self.rope_cache.device)
+        self.rope_cache.copy_(table)
+        head_std = self.args.dim**-0.5
+        if self.tok_embeddings is not None:
+            # A tied matrix also serves as the LM head, so it takes the head's scale.
+            embedding_std = head_std if self.args.tie_word_embeddings else 1.0
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=embedding_std)
+        for layer in self.layers.values():
+            layer.init_weights()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=head_std, a=-3 * head_std, b=3 * head_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cache)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h

@@ -1,0 +1,58 @@
+"""Entry point of the qwen3 model package (group ``plait.plugins``, name ``qwen3``).
+
+Kept import-light: the model, spec and adapter (and torch) load inside the hooks.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import plait
+from plait.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from plait.config import JobConfig
+    from plait.model_spec import ModelSpec
+    from plait.parallel_dims import ParallelDims
+
+PLAIT_API_VERSION = 1
+PROVIDES = ("model:qwen3",)
+REQUIRES = ()
+DESCRIPTION = "Qwen3 decoder, dense (0.6B-32B) and MoE (30B-A3B, 235B-A22B), with Hugging Face import and export"
+
+
+@plait.hookimpl
+def plait_register_models(register: Callable[[ModelSpec], None]) -> None:
+    from plait_qwen3.spec import qwen3_spec
+
+    register(qwen3_spec())
+
+
+def _is_qwen3(model_spec: ModelSpec) -> bool:
+    return model_spec.name == "qwen3"  # this package may be enabled next to another model
+
+
+@plait.hookimpl
+def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+    if not _is_qwen3(model_spec) or parallel_dims.tp <= 1:
+        return
+    flavor = config.model.flavor
+    if model_spec.args_for(flavor).is_moe:
+        raise ConfigError(
+            f"qwen3/{flavor} is a mixture-of-experts model, which tensor parallelism does not support: its "
+            f"experts are sharded by expert parallelism instead. Use --parallelism.tp 1 (with "
+            f"--parallelism.ep and the ep plugin, and/or fsdp), or a dense flavor for tp"
+        )
+
+
+@plait.hookimpl
+def plait_apply_tensor_parallel(
+    model: nn.Module, config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec
+) -> None:
+    """The per-head q/k norms, which the generic TP plan styles do not cover."""
+    if not _is_qwen3(model_spec) or parallel_dims.tp <= 1:
+        return
+    from plait_qwen3.tensor_parallel import parallelize_head_norms
+
+    parallelize_head_norms(model, parallel_dims.get_mesh("tp"))
