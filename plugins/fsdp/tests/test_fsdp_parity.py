@@ -80,6 +80,13 @@ def max_differences(run: dict[str, dict[int, float]], reference: dict[str, dict[
             id="fsdp2-grad-accumulation-offload",
         ),
         pytest.param(4, ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2"], 1, [], id="hsdp2x2"),
+        pytest.param(  # the order of DESIGN §4: AC, then compile, then FSDP, per block
+            2,
+            ["--parallelism.dp_shard", "2"],
+            2,
+            ["--activation_checkpoint.mode", "full", "--compile.enable", "True"],
+            id="fsdp2-full-ac-compile",
+        ),
     ],
 )
 def test_layout_matches_single_process(tmp_path, reference, world_size, degrees, local_batch_size, extra):
