@@ -1,0 +1,99 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3's attention.
+
+Queries come from ``wq`` (or, with ``q_lora_rank > 0``, through a low-rank bottleneck:
+``wq_a`` -> RMSNorm -> ``wq_b``). Keys and values share one compressed latent:
+``wkv_a`` maps the input to ``kv_lora_rank`` latent features plus ``qk_rope_head_dim``
+features of a single rotary key shared by all heads; the latent is normalized and
+``wkv_b`` expands it to every head's non-rotary key (``qk_nope_head_dim``) and value
+(``v_head_dim``). Each head's query and key are ``[no-rope part, rope part]``; RoPE
+(with YaRN) rotates the rope parts only.
+
+Heads are recovered with ``view(batch, seq, -1, ...)``, so a tensor-parallel plan that
+shards ``wq``/``wq_b``/``wkv_b`` column-wise and ``wo`` row-wise changes nothing here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.nn import RMSNorm, ScaledDotProductAttention, apply_rope
+
+if TYPE_CHECKING:
+    from plait_deepseek_v3.model import ModelArgs
+
+#: The norms of the low-rank latents use DeepSeek's default epsilon, whatever ``norm_eps`` is.
+LATENT_NORM_EPS = 1e-6
+
+
+class ScaledAttention(ScaledDotProductAttention):
+    """Causal SDPA with an explicit softmax scale; a module of its own so that context
+    parallelism can wrap exactly it. Values may be narrower than queries and keys."""
+
+    def __init__(self, *, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.qk_head_dim = args.qk_head_dim
+        self.v_head_dim = args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        query_width = args.n_heads * args.qk_head_dim
+        if args.q_lora_rank == 0:
+            self.wq: nn.Linear | None = nn.Linear(args.dim, query_width, bias=False)
+            self.wq_a = self.q_norm = self.wq_b = None
+        else:
+            self.wq = None
+            self.wq_a: nn.Linear | None = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+            self.q_norm: RMSNorm | None = RMSNorm(args.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.wq_b: nn.Linear | None = nn.Linear(args.q_lora_rank, query_width, bias=False)
+        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, eps=LATENT_NORM_EPS)
+        self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
+        self.sdpa = ScaledAttention(scale=args.softmax_scale)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wq is not None:
+            return self.wq(x)
+        return self.wq_b(self.q_norm(self.wq_a(x)))
+
+    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[batch, seq, dim]``; ``rope_cache``: ``[positions, 2 * qk_rope_head_dim]``
+        (keyword-only, so that a tensor-parallel input hook sees ``x`` as the only input)."""
+        batch, seq_len, _ = x.shape
+        q = self._queries(x).view(batch, seq_len, -1, self.qk_head_dim)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_rope, rope_cache)), dim=-1)
+
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), rope_cache)  # one rotary key for all heads
+        kv = self.wkv_b(self.kv_norm(latent)).view(batch, seq_len, -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)), dim=-1)
+
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        """Truncated normal projections; ``out_std`` for ``wo`` (depth-scaled by the caller)."""
+        for linear in (self.wq, self.wq_a, self.wq_b, self.wkv_a, self.wkv_b):
+            if linear is not None:
+                nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+        for norm in (self.q_norm, self.kv_norm):
+            if norm is not None:
+                norm.reset_parameters()
