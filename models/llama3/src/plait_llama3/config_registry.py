@@ -22,6 +22,9 @@ def llama3_debugmodel() -> JobConfig:
     config.training.seq_len = 256
     config.training.local_batch_size = 8
     config.optimizer.lr = 8e-4
+    # torch's fused AdamW: on CPU about 7x faster than foreach, and without foreach's
+    # parameter-sized temporaries (docs/performance.md).
+    config.optimizer.implementation = "fused"
     config.lr_scheduler.warmup_steps = 5
     config.checkpoint.interval = 25
     return config

@@ -16,6 +16,9 @@ FLAVORS: dict[str, ModelArgs] = {
     "debugmodel_tiny4": ModelArgs(
         dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=64, rope_theta=500000.0
     ),
+    # About 100M parameters on the embedded tokenizer: a CPU-sized benchmark job
+    # (benchmarks/vs_torchtitan.py), large enough that matmuls dominate the step.
+    "100M": ModelArgs(dim=768, n_layers=14, n_heads=12, vocab_size=2048, rope_theta=500000.0),
     # Published Llama 3.1 sizes (128K context through RoPE frequency scaling).
     "8B": ModelArgs(
         dim=4096,
