@@ -112,3 +112,19 @@ def test_llama3_405b_on_512_ranks(tmp_path, capsys):
     assert rank["optimizer_bytes"] == 2 * rank["gradient_bytes"] == 2 * 4 * rank["parameters"]
     assert 0 < rank["peak_bytes"] < 80 * 2**30
     assert "fits in 80 GiB: yes" in output
+
+
+def test_pipeline_stages_are_planned_with_the_schedules_microbatches_in_flight():
+    pytest.importorskip("plait_pipeline")
+    tiny4 = ["--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny4", "--training.seq_len", "64",
+             "--training.local_batch_size", "8", "--plugins", "pipeline,tp", "--parallelism.pp", "2",
+             "--parallelism.tp", "2"]  # fmt: skip
+    gpipe = planned(4, *tiny4, "--pipeline.schedule", "GPipe")
+    one_f_one_b = planned(4, *tiny4, "--pipeline.schedule", "1F1B")
+    assert [rank.rank for rank in gpipe.ranks] == [0, 2]  # the first rank of each stage
+    assert [rank.pp_rank for rank in gpipe.ranks] == [0, 1]
+    assert gpipe.ranks[0].parameters + gpipe.ranks[1].parameters > gpipe.total_parameters / 2  # tp halves, norms stay
+    for gpipe_rank, one_f_one_b_rank in zip(gpipe.ranks, one_f_one_b.ranks):
+        # GPipe holds all 8 microbatches' activations before the first backward; 1F1B at most 2 here
+        assert gpipe_rank.step_peak_bytes > one_f_one_b_rank.step_peak_bytes > 0
+        assert gpipe_rank.parameter_bytes == one_f_one_b_rank.parameter_bytes

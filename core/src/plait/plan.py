@@ -30,12 +30,13 @@ from plait.plugins import PluginManager
 from plait.train import (
     build_model_parts,
     forward_backward_micro_batch,
+    train_contexts,
     grad_accumulation_steps,
     model_args_for,
     token_cross_entropy,
     validate_job,
 )
-from plait.train_state import StepContext
+from plait.train_state import PipelineResult, StepContext
 
 #: Optimizer state tensors per parameter, each of the parameter's dtype.
 OPTIMIZER_STATES_PER_PARAMETER = {"AdamW": 2}
@@ -44,7 +45,7 @@ OPTIMIZER_STATES_PER_PARAMETER = {"AdamW": 2}
 @dataclass(kw_only=True)
 class RankPlan:
     rank: int
-    pp_stage: int
+    pp_rank: int
     parameters: int
     """Elements of the parameters this rank holds (its shards)."""
     parameter_bytes: int
@@ -150,18 +151,29 @@ def _simulate_rank(rank: int, config: JobConfig, manager: PluginManager, spec: M
             parallel_dims.build_mesh("cpu")
             manager.hook.plait_mesh_built(parallel_dims=parallel_dims, config=config)
         meshes = {name: parallel_dims.get_mesh(name).size() for name in parallel_dims.mesh_names()}
-        parts, _pipeline = build_model_parts(
+        parts, pipeline = build_model_parts(
             config, spec, parallel_dims, manager.hook, model_args=model_args, device=torch.device("cpu"),
             grad_accumulation_steps=accumulation,
         )
-        return _measure(rank, parts, config, manager, spec, parallel_dims, accumulation, model_args), meshes
+        return _measure(rank, parts, pipeline, config, manager, spec, parallel_dims, accumulation, model_args), meshes
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+            _forget_meshes()
 
 
-def _measure(rank: int, parts: list[nn.Module], config: JobConfig, manager: PluginManager, spec: ModelSpec,
-             parallel_dims: ParallelDims, accumulation: int, model_args: Any) -> RankPlan:
+def _forget_meshes() -> None:
+    """DTensor caches its sharding decisions by mesh layout, results holding the mesh they
+    were made with; the next simulated rank has equal meshes over other process groups."""
+    from torch.distributed.tensor import DTensor
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ fast path's copy
+
+
+def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None, config: JobConfig,
+             manager: PluginManager, spec: ModelSpec, parallel_dims: ParallelDims, accumulation: int,
+             model_args: Any) -> RankPlan:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     pp_mesh = parallel_dims.get_optional_mesh("pp")
@@ -176,7 +188,7 @@ def _measure(rank: int, parts: list[nn.Module], config: JobConfig, manager: Plug
         states = OPTIMIZER_STATES_PER_PARAMETER.get(config.optimizer.name, 2)
         plan = RankPlan(
             rank=rank,
-            pp_stage=pp_mesh.get_local_rank() if pp_mesh is not None else 0,
+            pp_rank=pp_mesh.get_local_rank() if pp_mesh is not None else 0,
             parameters=sum(t.numel() for t in local),
             parameter_bytes=parameter_bytes,
             gradient_bytes=gradient_bytes,
@@ -187,22 +199,98 @@ def _measure(rank: int, parts: list[nn.Module], config: JobConfig, manager: Plug
         if spec.data_pipeline is not None:
             plan.note = f"{spec.name} brings its own data pipeline; the step was not simulated"
             return plan
+        ctx = StepContext(
+            step=1, config=config, parallel_dims=parallel_dims, model_parts=parts, optimizer=None,
+            lr_scheduler=None, loss_fn=spec.loss_fn or token_cross_entropy, grad_accumulation_steps=accumulation,
+            hook=manager.hook, pipeline=pipeline,
+        )
         watch = MemoryWatch()
         with watch:
             watch.adopt([*parameters, *(b for part in parts for b in part.buffers())])
             before = watch.live_bytes
             watch.reset_peak()
-            tokens = torch.randint(0, getattr(model_args, "vocab_size", 2), (config.training.local_batch_size,
-                                                                           config.training.seq_len + 1))
-            ctx = StepContext(
-                step=1, config=config, parallel_dims=parallel_dims, model_parts=parts, optimizer=None,
-                lr_scheduler=None, loss_fn=spec.loss_fn or token_cross_entropy,
-                grad_accumulation_steps=accumulation, hook=manager.hook,
-                inputs=tokens[:, :-1], labels=tokens[:, 1:],
-            )
-            forward_backward_micro_batch(ctx)
+            if pipeline is None:
+                ctx.inputs, ctx.labels = _tokens(model_args, config.training.local_batch_size, config.training.seq_len)
+                forward_backward_micro_batch(ctx)
+            else:
+                plan.note = _pipeline_step(ctx, pipeline, watch, spec, model_args)
         plan.step_peak_bytes = watch.peak_bytes - before
         return plan
+
+
+def _tokens(model_args: Any, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, getattr(model_args, "vocab_size", 2), (batch, seq_len + 1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _pipeline_step(ctx: StepContext, pipeline: PipelineResult, watch: MemoryWatch, spec: ModelSpec,
+                   model_args: Any) -> str:
+    """The step peak of this rank's stages under the schedule, from two microbatches.
+
+    A schedule cannot run on a fake process group (stages exchange shapes on the first
+    step), so each stage runs here by itself: the forward of two microbatches, then their
+    backwards. What the second forward adds is what each further microbatch in flight
+    adds; the watch's peak is raised by it for the schedule's other in-flight microbatches.
+    """
+    config = ctx.config
+    microbatch = max(1, config.training.local_batch_size // pipeline.microbatches)
+    in_flight = pipeline.microbatches_in_flight or pipeline.microbatches
+    runs = min(2, in_flight)
+    held_per_microbatch = 0
+    for part, stage in zip(ctx.model_parts, pipeline.stage_ids):
+        outputs = []
+        for index in range(runs):
+            ctx.inputs, ctx.labels = _tokens(model_args, microbatch, config.training.seq_len)
+            inputs = ctx.inputs if stage == 0 else _stage_input(ctx, spec, model_args, part)
+            labels = ctx.labels
+            with train_contexts(ctx):
+                live = watch.live_bytes
+                out = part(inputs)
+                if stage == pipeline.num_stages - 1:
+                    out = ctx.loss_fn(out, labels)
+                if index == 1:
+                    held_per_microbatch += watch.live_bytes - live
+                outputs.append(out)
+        with train_contexts(ctx):
+            for out in outputs:
+                out.backward(torch.ones_like(out))
+        del outputs
+    if in_flight > runs:
+        watch.peak_bytes += (in_flight - runs) * held_per_microbatch
+    return (f"pipeline: {pipeline.microbatches} microbatches of {microbatch} sequences, "
+            f"{in_flight} in flight under the schedule; stages {pipeline.stage_ids} of {pipeline.num_stages}")
+
+
+def _stage_input(ctx: StepContext, spec: ModelSpec, model_args: Any, part: nn.Module) -> torch.Tensor:
+    """What a later stage receives: the input of its first block in the whole model,
+    tensor- and context-parallel as the stage is (traced on fake tensors, stopped there)."""
+    blocks = getattr(part, spec.block_container, None)
+    names = [name for name, _ in blocks.named_children()] if blocks is not None else []
+    if not names:
+        raise RuntimeError(f"plait plan: a pipeline stage of {spec.name} holds no {spec.block_container}")
+    with torch.device("meta"):
+        whole = spec.build(model_args)
+    common = dict(config=ctx.config, parallel_dims=ctx.parallel_dims, model_spec=spec)
+    ctx.hook.plait_apply_tensor_parallel(model=whole, **common)
+    ctx.hook.plait_apply_context_parallel(model=whole, **common)
+    whole.to_empty(device="cpu")
+    captured: list[torch.Tensor] = []
+
+    class _Reached(Exception):
+        pass
+
+    def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0])
+        raise _Reached
+
+    whole.get_submodule(f"{spec.block_container}.{names[0]}").register_forward_pre_hook(capture)
+    try:
+        with torch.no_grad(), train_contexts(ctx):
+            whole(ctx.inputs)
+    except _Reached:
+        pass
+    local = getattr(captured[0], "_local_tensor", captured[0])  # stages exchange plain tensors
+    return torch.empty(local.shape, dtype=local.dtype)
 
 
 # --------------------------------------------------------------------------- report
@@ -232,7 +320,7 @@ def format_plan(plan: Plan, *, device_memory_gib: float = 0.0) -> str:
     ]
     for rank in plan.ranks:
         lines += [
-            f"  rank {rank.rank} (pipeline stage {rank.pp_stage})      elements        memory",
+            f"  rank {rank.rank} (pp rank {rank.pp_rank})      elements        memory",
             f"    parameters          {rank.parameters:>16,}  {_size(rank.parameter_bytes):>12}",
             f"    gradients           {'':>16}  {_size(rank.gradient_bytes):>12}",
             f"    optimizer state     {'':>16}  {_size(rank.optimizer_bytes):>12}",

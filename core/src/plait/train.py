@@ -514,13 +514,19 @@ def default_forward_backward(ctx: StepContext) -> torch.Tensor:
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
+@contextlib.contextmanager
+def train_contexts(ctx: StepContext) -> Iterator[None]:
+    """The plugins' per-micro-batch contexts (context-parallel sharding, loss parallel, autocast)."""
+    with contextlib.ExitStack() as stack:
+        for manager in ctx.hook.plait_train_context(config=ctx.config, parallel_dims=ctx.parallel_dims, ctx=ctx):
+            stack.enter_context(manager)
+        yield
+
+
 def forward_backward_micro_batch(ctx: StepContext) -> torch.Tensor:
     """Forward and backward of ``ctx.inputs`` inside the plugins' step contexts; the loss."""
-    hook = ctx.hook
-    with contextlib.ExitStack() as stack:
-        for manager in hook.plait_train_context(config=ctx.config, parallel_dims=ctx.parallel_dims, ctx=ctx):
-            stack.enter_context(manager)
-        loss = hook.plait_forward_backward(ctx=ctx)
+    with train_contexts(ctx):
+        loss = ctx.hook.plait_forward_backward(ctx=ctx)
         return default_forward_backward(ctx) if loss is None else loss
 
 

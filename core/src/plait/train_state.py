@@ -31,6 +31,14 @@ class PipelineResult:
     schedule: Any
     has_first_stage: bool
     has_last_stage: bool
+    stage_ids: list[int] = field(default_factory=list)
+    """The stage index of each model part."""
+    num_stages: int = 1
+    microbatches: int = 1
+    """Pipeline microbatches per micro-batch of the core."""
+    microbatches_in_flight: int = 0
+    """The most microbatches whose activations a rank holds at once under the schedule
+    (0: all of them); ``plait plan`` sizes the activation memory with it."""
 
 
 @dataclass(kw_only=True)

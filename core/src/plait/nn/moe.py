@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,17 @@ class TokenDispatcher(abc.ABC):
     @abc.abstractmethod
     def combine(self, expert_outputs: torch.Tensor, dispatched: DispatchedTokens, routing: Routing) -> torch.Tensor:
         """``[T, dim]``: for every token, the sum over its experts of weight × expert output."""
+
+    def combine_overlapped(
+        self,
+        expert_outputs: torch.Tensor,
+        dispatched: DispatchedTokens,
+        routing: Routing,
+        overlapped: Callable[[], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``combine`` and ``overlapped()`` (the shared experts); a dispatcher whose exchange
+        runs asynchronously computes the latter while the former is in flight."""
+        return self.combine(expert_outputs, dispatched, routing), overlapped()
 
 
 class LocalTokenDispatcher(TokenDispatcher):
@@ -484,9 +495,14 @@ class MoE(nn.Module):
         routing = self.router(tokens, self.expert_bias)
         dispatched = self.dispatcher.dispatch(tokens, routing)
         expert_outputs = self.experts(dispatched.tokens, dispatched.tokens_per_expert)
-        out = self.dispatcher.combine(expert_outputs, dispatched, routing)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(tokens)
+        if self.shared_experts is None:
+            out = self.dispatcher.combine(expert_outputs, dispatched, routing)
+        else:
+            shared = self.shared_experts
+            out, shared_out = self.dispatcher.combine_overlapped(
+                expert_outputs, dispatched, routing, lambda: shared(tokens)
+            )
+            out = out + shared_out
         out = out.view(batch, seq_len, dim)
         if self.training:
             with torch.no_grad():

@@ -147,6 +147,11 @@ def plait_pipeline_split(
         schedule=runner,
         has_first_stage=runner.has_first_stage,
         has_last_stage=runner.has_last_stage,
+        stage_ids=indices,
+        num_stages=plan.num_stages,
+        microbatches=layout.microbatches,
+        microbatches_in_flight=info.microbatches_in_flight(microbatches=layout.microbatches,
+                                                           num_stages=plan.num_stages),
     )
 
 

@@ -30,15 +30,24 @@ class ScheduleInfo:
     splits_backward: bool = False
     """Computes input and weight gradients separately (zero bubble), which torch does not
     support on compiled modules."""
+    forwards_all_first: bool = False
+    """Runs every microbatch's forward before the first backward, so a rank holds the
+    activations of all of them (GPipe, breadth-first); the others start backwards early
+    and hold about one microbatch per stage ahead of them."""
+
+    def microbatches_in_flight(self, *, microbatches: int, num_stages: int) -> int:
+        return microbatches if self.forwards_all_first else min(microbatches, num_stages)
 
 
 SCHEDULES: dict[str, ScheduleInfo] = {
     info.name: info
     for info in (
-        ScheduleInfo(name="GPipe", torch_class="ScheduleGPipe", layout=StageLayout.SINGLE),
+        ScheduleInfo(name="GPipe", torch_class="ScheduleGPipe", layout=StageLayout.SINGLE, forwards_all_first=True),
         ScheduleInfo(name="1F1B", torch_class="Schedule1F1B", layout=StageLayout.SINGLE),
         ScheduleInfo(name="Interleaved1F1B", torch_class="ScheduleInterleaved1F1B", layout=StageLayout.LOOPED),
-        ScheduleInfo(name="LoopedBFS", torch_class="ScheduleLoopedBFS", layout=StageLayout.LOOPED),
+        ScheduleInfo(
+            name="LoopedBFS", torch_class="ScheduleLoopedBFS", layout=StageLayout.LOOPED, forwards_all_first=True
+        ),
         ScheduleInfo(
             name="InterleavedZeroBubble",
             torch_class="ScheduleInterleavedZeroBubble",

@@ -1,0 +1,1 @@
+"""plait-deepep: DeepEP token dispatch behind plait's TokenDispatcher interface."""

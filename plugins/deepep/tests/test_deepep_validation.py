@@ -1,0 +1,68 @@
+"""Without DeepEP, without GPUs or without expert parallelism, the deepep plugin is refused
+before any work, with one message naming everything that is missing."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from plait.cli import main
+from plait.errors import ConfigError
+from plait_deepep import plugin
+from plait_deepep.config import DeepEPConfig
+
+
+def job(dtype: str = "bfloat16") -> SimpleNamespace:
+    return SimpleNamespace(training=SimpleNamespace(dtype=dtype), deepep=DeepEPConfig())
+
+
+def test_missing_library_gpu_and_dtype_are_named_together(monkeypatch):
+    monkeypatch.setattr(plugin.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError) as error:
+        plugin.plait_validate(config=job("float32"), parallel_dims=SimpleNamespace(ep_enabled=True), model_spec=None)
+    message = str(error.value)
+    for expected in ("the deep_ep library (not installed", "NVIDIA GPUs", "--training.dtype bfloat16",
+                     "Drop deepep from --plugins"):  # fmt: skip
+        assert expected in message
+
+
+def test_nothing_missing_passes(monkeypatch):
+    monkeypatch.setattr(plugin.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    plugin.plait_validate(config=job(), parallel_dims=SimpleNamespace(ep_enabled=True), model_spec=None)
+
+
+def test_without_expert_parallelism_is_refused():
+    with pytest.raises(ConfigError, match="set --parallelism.ep > 1 or drop deepep"):
+        plugin.plait_validate(config=job(), parallel_dims=SimpleNamespace(ep_enabled=False), model_spec=None)
+
+
+@pytest.mark.parametrize("num_sms", [0, 1, 23])
+def test_num_sms_must_be_even(num_sms):
+    with pytest.raises(ConfigError, match="--deepep.num_sms"):
+        DeepEPConfig(num_sms=num_sms).validate()
+
+
+def run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_cli_refuses_deepep_on_this_machine(capsys):
+    """`plait plan` validates exactly as `plait train` on 2 ranks would."""
+    code, output = run(["plan", "--world-size", "2", "--config", "qwen3_moe_debugmodel", "--plugins", "ep,fsdp,deepep",
+                        "--parallelism.ep", "2", "--training.dtype", "bfloat16"], capsys)
+    assert code == 2, output
+    assert "--plugins deepep needs the deep_ep library" in output
+
+
+def test_deepep_without_ep_names_the_missing_plugin(capsys):
+    code, output = run(["plan", "--world-size", "2", "--config", "qwen3_moe_debugmodel", "--plugins", "fsdp,deepep",
+                        "--parallelism.ep", "2"], capsys)
+    assert code == 2, output
+    assert "ep" in output and "deepep" in output
