@@ -102,3 +102,30 @@ class ModelSpec:
                 + ", ".join(sorted(self.flavors))
             )
         return self.flavors[flavor]
+
+
+def even_split_points(model: str, n_layers: int, num_stages: int, *, container: str = "layers",
+                      tied_embeddings: bool = False) -> list[str]:
+    """Pipeline split points for ``n_layers`` blocks ``<container>.0 ..`` in ``num_stages``
+    stages: the first block of every stage after the first; earlier stages take one extra
+    block when the layers do not divide evenly. ``model`` names the model in errors."""
+    from plait.errors import ConfigError
+
+    if num_stages < 1:
+        raise ConfigError(f"{model}: the number of pipeline stages must be positive, got {num_stages}")
+    if num_stages > n_layers:
+        raise ConfigError(
+            f"{model}: cannot split {n_layers} layers into {num_stages} pipeline stages; "
+            f"use at most {n_layers} stages (--parallelism.pp and stages per rank) or a larger flavor"
+        )
+    if num_stages > 1 and tied_embeddings:
+        raise ConfigError(
+            f"{model}: a model with tied embeddings (tie_word_embeddings) cannot be pipelined: the "
+            "embedding and the LM head would live on different stages; use --parallelism.pp 1"
+        )
+    base, extra = divmod(n_layers, num_stages)
+    points, start = [], 0
+    for stage in range(num_stages - 1):
+        start += base + (1 if stage < extra else 0)
+        points.append(f"{container}.{start}")
+    return points

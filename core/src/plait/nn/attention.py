@@ -16,11 +16,20 @@ from plait.nn.rope import apply_rope
 class ScaledDotProductAttention(nn.Module):
     """Causal SDPA as a module of its own, so context parallelism can wrap exactly it.
 
-    Takes ``q, k, v`` as ``[batch, heads, seq, head_dim]`` with equal head counts.
+    Takes ``q, k, v`` as ``[batch, heads, seq, head_dim]`` with equal head counts; values
+    may be narrower than queries and keys. ``scale`` is the softmax scale, passed to SDPA
+    explicitly when a model's differs from ``q.shape[-1] ** -0.5`` (or to state it).
     """
 
+    def __init__(self, *, scale: float | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return "" if self.scale is None else f"scale={self.scale:.6g}"
 
 
 class Attention(nn.Module):

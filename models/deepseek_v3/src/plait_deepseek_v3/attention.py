@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from plait.nn import RMSNorm, ScaledDotProductAttention, apply_rope
@@ -26,21 +25,6 @@ if TYPE_CHECKING:
 
 #: The norms of the low-rank latents use DeepSeek's default epsilon, whatever ``norm_eps`` is.
 LATENT_NORM_EPS = 1e-6
-
-
-class ScaledAttention(ScaledDotProductAttention):
-    """Causal SDPA with an explicit softmax scale; a module of its own so that context
-    parallelism can wrap exactly it. Values may be narrower than queries and keys."""
-
-    def __init__(self, *, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale:.6g}"
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -64,7 +48,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(args.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
-        self.sdpa = ScaledAttention(scale=args.softmax_scale)
+        self.sdpa = ScaledDotProductAttention(scale=args.softmax_scale)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.wq is not None:

@@ -1,8 +1,7 @@
 """The llama3 ``ModelSpec``: flavors, FLOPs, tensor-parallel plan, pipeline split points."""
 from __future__ import annotations
 
-from plait.errors import ConfigError
-from plait.model_spec import ModelSpec, TPPlan
+from plait.model_spec import ModelSpec, TPPlan, even_split_points
 from plait_llama3.hf_adapter import Llama3HFAdapter
 from plait_llama3.model import ModelArgs, Transformer, count_parameters
 
@@ -91,26 +90,7 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 
 def pipeline_split_points(args: ModelArgs, num_stages: int) -> list[str]:
-    """First block of every stage after the first; earlier stages take one extra block
-    when ``n_layers`` does not divide evenly."""
-    if num_stages < 1:
-        raise ConfigError(f"llama3: the number of pipeline stages must be positive, got {num_stages}")
-    if num_stages > args.n_layers:
-        raise ConfigError(
-            f"llama3: cannot split {args.n_layers} layers into {num_stages} pipeline stages; "
-            f"use at most {args.n_layers} stages (--parallelism.pp and stages per rank) or a larger flavor"
-        )
-    if num_stages > 1 and args.tie_word_embeddings:
-        raise ConfigError(
-            "llama3: a model with tied embeddings (tie_word_embeddings) cannot be pipelined: the "
-            "embedding and the LM head would live on different stages; use --parallelism.pp 1"
-        )
-    base, extra = divmod(args.n_layers, num_stages)
-    points, start = [], 0
-    for stage in range(num_stages - 1):
-        start += base + (1 if stage < extra else 0)
-        points.append(f"layers.{start}")
-    return points
+    return even_split_points("llama3", args.n_layers, num_stages, tied_embeddings=args.tie_word_embeddings)
 
 
 def llama3_spec() -> ModelSpec:

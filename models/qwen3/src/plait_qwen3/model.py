@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from plait.errors import ConfigError
@@ -87,21 +86,6 @@ def count_parameters(args: ModelArgs, *, include_embedding: bool = True, active_
     return total
 
 
-class ScaledAttention(ScaledDotProductAttention):
-    """Causal SDPA with an explicit softmax scale (``head_dim ** -0.5``); a module of its
-    own so that context parallelism can wrap exactly it."""
-
-    def __init__(self, *, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale:.6g}"
-
-
 class Attention(nn.Module):
     """Grouped-query causal attention with RMSNorm over each query and key head.
 
@@ -118,7 +102,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
         self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
-        self.sdpa = ScaledAttention(scale=args.head_dim**-0.5)
+        self.sdpa = ScaledDotProductAttention(scale=args.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
