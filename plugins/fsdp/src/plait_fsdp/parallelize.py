@@ -2,6 +2,8 @@
 
 - dp_shard × cp > 1: FSDP2 over the ``dp_shard_cp`` mesh (each block, then the root);
   with dp_replicate > 1 as well, HSDP over the 2-D ``(dp_replicate, dp_shard_cp)`` mesh;
+  under expert parallelism the experts' slices are sharded over ``efsdp`` instead
+  (with ``dp_replicate``: HSDP over ``(dp_replicate, efsdp)``);
 - dp_replicate > 1 alone: DDP-style replication (FSDP2-based ``replicate``) over the
   ``dp_replicate`` mesh, block by block so gradients are all-reduced while backward runs.
 """
@@ -61,9 +63,44 @@ def apply_fsdp(model: nn.Module, config: JobConfig, parallel_dims: ParallelDims,
         offload_policy=offload,
         reshard_after_forward=reshard_after_forward(section, parallel_dims.pp_enabled),
     )
+    if parallel_dims.ep_enabled:
+        shard_expert_slices(model, parallel_dims, options)
     for block in blocks_of(model, model_spec):
         fully_shard(block, **options)
     fully_shard(model, **options)
+
+
+def expert_parallel_modules(model: nn.Module, parallel_dims: ParallelDims) -> list[nn.Module]:
+    """Modules whose own parameters expert parallelism placed on the ``ep`` mesh."""
+    from torch.distributed.tensor import DTensor
+
+    ep_mesh = parallel_dims.get_mesh("ep")
+    return [
+        module
+        for module in model.modules()
+        if any(isinstance(p, DTensor) and p.device_mesh == ep_mesh for p in module.parameters(recurse=False))
+    ]
+
+
+def shard_expert_slices(model: nn.Module, parallel_dims: ParallelDims, options: dict[str, Any]) -> None:
+    """FSDP over ``efsdp`` (the ranks that hold the same experts) for each expert module.
+
+    An expert's gradient on one rank already sums the tokens of the whole ep group (the
+    all-to-all brought them there), so the reduction divides by every data-parallel rank
+    (``dp_replicate × dp_shard × cp``), not by the ``efsdp`` ranks alone: the mean over
+    all tokens, as for the other parameters."""
+    if parallel_dims.dp_replicate_enabled:
+        mesh = parallel_dims.get_mesh(("dp_replicate", "efsdp"))
+    else:
+        mesh = parallel_dims.get_mesh("efsdp")
+    data_parallel_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
+    for module in expert_parallel_modules(model, parallel_dims):
+        fully_shard(module, **{**options, "mesh": mesh})
+        module.set_gradient_divide_factor(float(data_parallel_ranks))
+        if parallel_dims.efsdp > 1:
+            # Sum, then divide the reduced shard: a custom factor otherwise reduce-scatters with
+            # PREMUL_SUM, which gloo lacks. (Not on one efsdp rank: torch 2.13 would divide twice.)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def apply_replicate(model: nn.Module, config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
