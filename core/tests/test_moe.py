@@ -399,3 +399,20 @@ def test_layer_compiles_as_one_graph_and_matches_eager() -> None:
     for grad, eager_grad in zip([p.grad for p in layer.parameters()], eager_grads):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
     assert layer.tokens_per_expert.sum() == 2 * (2 * 8 * 2)  # both forwards counted
+
+
+def test_moe_block_under_activation_checkpointing_finds_grouped_mm_inside_the_checkpoint(monkeypatch):
+    """The grouped-matmul trial runs on the first forward, here inside a checkpointed
+    region; its tensors must not count among those the recompute has to save again."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from plait.nn import moe
+
+    monkeypatch.setattr(moe, "_GROUPED_MM_SUPPORT", {})
+    torch.manual_seed(0)
+    layer = moe.MoE(dim=16, args=moe.MoEArgs(num_experts=4, top_k=2, hidden_dim=16))
+    layer.init_weights(std=0.02, out_std=0.02)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    checkpoint_wrapper(layer, preserve_rng_state=False)(x).sum().backward()
+    assert moe._GROUPED_MM_SUPPORT  # the trial ran, inside the checkpoint
+    assert x.grad is not None and layer.router.gate.weight.grad is not None

@@ -347,14 +347,17 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def _try_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    try:
-        rows = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
-        weight = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-        offsets = torch.tensor([16, 32], device=device, dtype=torch.int32)
-        out = torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
-        out.backward(torch.ones_like(out))
-    except (RuntimeError, NotImplementedError):
-        return False
+    # The first call may come inside a checkpointed forward: identity hooks keep the
+    # trial's saved tensors out of the checkpoint's count (which the recompute must match).
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        try:
+            rows = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
+            weight = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            offsets = torch.tensor([16, 32], device=device, dtype=torch.int32)
+            out = torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+            out.backward(torch.ones_like(out))
+        except (RuntimeError, NotImplementedError):
+            return False
     return True
 
 
