@@ -501,8 +501,15 @@ def clip_grad_norm_(
 
 
 def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    """The L2 norm of ``grads`` (whole, over their shards), accumulated in float64: a
+    float32 reduction over millions of elements is off in the fifth digit, so the norm, and
+    the clipping it drives, would depend on how the gradients are sharded."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.float()
 
 
 def default_forward_backward(ctx: StepContext) -> torch.Tensor:
