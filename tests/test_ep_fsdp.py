@@ -9,9 +9,8 @@ divides it by all 4 data-parallel ranks, so it is the mean over the global batch
 every other gradient. The per-parameter check compares every gradient of the first
 step, full tensors gathered, with one process's.
 
-Gradient norms are compared at ``GRAD_NORM_TOLERANCE``: the sharded fp32 norm of the
-embedding gradients differs from the unsharded one by about 1e-4 on CPU (FSDP alone shows
-the same); expert gradients at half their size moved it by 4.6e-3 at ep 2.
+Gradient norms match within the loss bound (the core accumulates them in float64);
+expert gradients at half their size moved the norm by 4.6e-3 at ep 2.
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ pytest.importorskip("plait_qwen3")
 
 STEPS = 5
 TOLERANCE = 1e-5
-GRAD_NORM_TOLERANCE = 5e-4
 GRAD_TOLERANCE = 1e-6
 GLOBAL_BATCH = 4
 WORLD_SIZE = 4
@@ -84,7 +82,7 @@ def test_expert_parallel_layout_matches_single_process(tmp_path, reference, degr
     assert sorted(run["losses"]) == sorted(reference["losses"])
     loss_diff = max(abs(run["losses"][s] - reference["losses"][s]) for s in reference["losses"])
     norm_diff = max(abs(run["grad_norms"][s] - reference["grad_norms"][s]) for s in reference["grad_norms"])
-    assert loss_diff < TOLERANCE and norm_diff < GRAD_NORM_TOLERANCE, (loss_diff, norm_diff, run, reference)
+    assert loss_diff < TOLERANCE and norm_diff < TOLERANCE, (loss_diff, norm_diff, run, reference)
 
 
 # ------------------------------------------------------------------ first-step gradients
