@@ -2,10 +2,11 @@
 
     python benchmarks/parallel_parity.py [--steps 6] [--only fsdp2,tp2]
 
-Runs the tiny llama3 (fp32, --training.deterministic) once in this process with the whole
-global batch, then each layout as real gloo ranks, and prints the largest difference of
-the loss and of the gradient norm over all steps. Layouts whose plugin is not installed
-are left out. The tests assert the same bound (1e-5); this prints the measured figures.
+Runs each model (the tiny llama3, 4 layers; the tiny qwen3-MoE for expert parallelism; fp32,
+--training.deterministic) once in this process with the whole global batch, then each
+layout as real gloo ranks, and prints the largest difference of the loss and of the
+gradient norm over all steps. Layouts whose plugin is not installed are left out. The
+tests assert the same bound (1e-5); this prints the measured figures.
 """
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from pathlib import Path
 
 GLOBAL_BATCH = 4
 
-#: name -> (world size, plugin modules needed, options)
+MODELS = {
+    "llama3": ["--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny4"],
+    "qwen3-moe": ["--config", "qwen3_moe_debugmodel", "--moe.aux_loss_type", "sequence"],  # batch-wise depends on the split
+}
+
+#: name -> (world size, plugin modules needed, options); the model is llama3 unless the
+#: name starts with EP
 LAYOUTS: dict[str, tuple[int, tuple[str, ...], list[str]]] = {
     "FSDP 2": (2, ("plait_fsdp",), ["--plugins", "fsdp", "--parallelism.dp_shard", "2"]),
     "FSDP 4": (4, ("plait_fsdp",), ["--plugins", "fsdp", "--parallelism.dp_shard", "4"]),
@@ -28,14 +35,22 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...], list[str]]] = {
     "CP 2": (2, ("plait_context_parallel",), ["--plugins", "context-parallel,fsdp", "--parallelism.cp", "2"]),
     "CP 2 × FSDP 2": (4, ("plait_context_parallel",), ["--plugins", "context-parallel,fsdp", "--parallelism.cp", "2", "--parallelism.dp_shard", "2"]),
     "PP 2 (1F1B)": (2, ("plait_pipeline",), ["--plugins", "pipeline", "--parallelism.pp", "2", "--pipeline.schedule", "1F1B"]),
+    "PP 2 (Interleaved1F1B)": (2, ("plait_pipeline",), ["--plugins", "pipeline", "--parallelism.pp", "2", "--pipeline.schedule", "Interleaved1F1B"]),
+    "PP 2 (DualPipeV)": (2, ("plait_pipeline",), ["--plugins", "pipeline", "--parallelism.pp", "2", "--pipeline.schedule", "DualPipeV"]),
     "PP 2 × FSDP 2": (4, ("plait_pipeline", "plait_fsdp"), ["--plugins", "pipeline,fsdp", "--parallelism.pp", "2", "--parallelism.dp_shard", "2"]),
     "PP 2 × TP 2": (4, ("plait_pipeline", "plait_tp"), ["--plugins", "pipeline,tp", "--parallelism.pp", "2", "--parallelism.tp", "2"]),
+    "EP 2": (2, ("plait_ep", "plait_qwen3"), ["--plugins", "ep,fsdp", "--parallelism.ep", "2"]),
+    "EP 2 × FSDP 4": (4, ("plait_ep", "plait_qwen3"), ["--plugins", "ep,fsdp", "--parallelism.ep", "2", "--parallelism.dp_shard", "4"]),
 }  # fmt: skip
 
 
-def job(dump: Path, steps: int, local_batch_size: int, *extra: str) -> list[str]:
+def model_of(layout: str) -> str:
+    return "qwen3-moe" if layout.startswith("EP") else "llama3"
+
+
+def job(dump: Path, model: str, steps: int, local_batch_size: int, *extra: str) -> list[str]:
     return [
-        "--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny",
+        *MODELS[model],
         "--training.steps", str(steps), "--training.seq_len", "64",
         "--training.local_batch_size", str(local_batch_size), "--training.deterministic", "True",
         "--lr_scheduler.warmup_steps", "2", "--checkpoint.enable", "False", "--metrics.progress", "off",
@@ -66,22 +81,26 @@ def main() -> None:
     wanted = [name.strip() for name in args.only.split(",") if name.strip()] or list(LAYOUTS)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        reference = train(job(root / "single", args.steps, GLOBAL_BATCH))
-        torch.use_deterministic_algorithms(False)
-        print(f"{'layout':<16} {'ranks':>5} {'max |Δloss|':>12} {'max |Δgrad norm|':>17} {'seconds':>8}")
+        references = {}
+        print(f"{'layout':<24} {'ranks':>5} {'max |Δloss|':>12} {'max |Δgrad norm|':>17} {'seconds':>8}")
         for name in wanted:
             world_size, modules, options = LAYOUTS[name]
             if any(importlib.util.find_spec(module) is None for module in modules):
-                print(f"{name:<16} {world_size:>5}   (plugin not installed)")
+                print(f"{name:<24} {world_size:>5}   (plugin not installed)")
                 continue
+            model = model_of(name)
+            if model not in references:
+                references[model] = train(job(root / model, model, args.steps, GLOBAL_BATCH))
+                torch.use_deterministic_algorithms(False)
+            reference = references[model]
             local = GLOBAL_BATCH // data_parallel_degree(world_size, options)
             started = time.perf_counter()
-            run = run_ranks(world_size, job(root / name.replace(" ", ""), args.steps, local, *options),
+            run = run_ranks(world_size, job(root / name.replace(" ", ""), model, args.steps, local, *options),
                             root / f"{name.replace(' ', '')}.json")
             seconds = time.perf_counter() - started
             loss = max(abs(run["losses"][s] - reference.losses[s]) for s in reference.losses)
             norm = max(abs(run["grad_norms"][s] - reference.grad_norms[s]) for s in reference.grad_norms)
-            print(f"{name:<16} {world_size:>5} {loss:>12.2e} {norm:>17.2e} {seconds:>8.1f}", flush=True)
+            print(f"{name:<24} {world_size:>5} {loss:>12.2e} {norm:>17.2e} {seconds:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,17 @@ def test_pipeline_stages_are_planned_with_the_schedules_microbatches_in_flight()
         # GPipe holds all 8 microbatches' activations before the first backward; 1F1B at most 2 here
         assert gpipe_rank.step_peak_bytes > one_f_one_b_rank.step_peak_bytes > 0
         assert gpipe_rank.parameter_bytes == one_f_one_b_rank.parameter_bytes
+
+
+def test_moe_model_under_pipeline_and_expert_parallelism():
+    pytest.importorskip("plait_pipeline")
+    pytest.importorskip("plait_ep")
+    pytest.importorskip("plait_deepseek_v3")
+    result = planned(4, "--config", "deepseek_v3_debugmodel", "--training.seq_len", "64",
+                     "--training.local_batch_size", "4", "--plugins", "pipeline,ep,fsdp", "--parallelism.pp", "2",
+                     "--parallelism.dp_shard", "2", "--parallelism.ep", "2")  # fmt: skip
+    assert result.meshes["ep"] == 2 and result.meshes["pp"] == 2
+    assert [rank.pp_rank for rank in result.ranks] == [0, 1]
+    assert all(rank.step_peak_bytes > 0 for rank in result.ranks)
+    # every stage holds its share of the experts: half of them per ep rank
+    assert sum(rank.parameters for rank in result.ranks) < result.total_parameters

@@ -268,12 +268,20 @@ def _stage_input(ctx: StepContext, spec: ModelSpec, model_args: Any, part: nn.Mo
     names = [name for name, _ in blocks.named_children()] if blocks is not None else []
     if not names:
         raise RuntimeError(f"plait plan: a pipeline stage of {spec.name} holds no {spec.block_container}")
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():  # on the meta device: shapes only, no fake tensors, not watched
+        shape, dtype = _traced_stage_input(ctx, spec, model_args, f"{spec.block_container}.{names[0]}")
+    return torch.empty(shape, dtype=dtype)
+
+
+def _traced_stage_input(ctx: StepContext, spec: ModelSpec, model_args: Any,
+                        first_block: str) -> tuple[torch.Size, torch.dtype]:
     with torch.device("meta"):
         whole = spec.build(model_args)
     common = dict(config=ctx.config, parallel_dims=ctx.parallel_dims, model_spec=spec)
     ctx.hook.plait_apply_tensor_parallel(model=whole, **common)
     ctx.hook.plait_apply_context_parallel(model=whole, **common)
-    whole.to_empty(device="cpu")
     captured: list[torch.Tensor] = []
 
     class _Reached(Exception):
@@ -283,14 +291,14 @@ def _stage_input(ctx: StepContext, spec: ModelSpec, model_args: Any, part: nn.Mo
         captured.append(args[0])
         raise _Reached
 
-    whole.get_submodule(f"{spec.block_container}.{names[0]}").register_forward_pre_hook(capture)
+    whole.get_submodule(first_block).register_forward_pre_hook(capture)
     try:
         with torch.no_grad(), train_contexts(ctx):
-            whole(ctx.inputs)
+            whole(torch.empty(ctx.inputs.shape, dtype=ctx.inputs.dtype, device="meta"))
     except _Reached:
         pass
     local = getattr(captured[0], "_local_tensor", captured[0])  # stages exchange plain tensors
-    return torch.empty(local.shape, dtype=local.dtype)
+    return local.shape, local.dtype
 
 
 # --------------------------------------------------------------------------- report

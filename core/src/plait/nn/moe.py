@@ -364,7 +364,7 @@ def _try_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
 def _compute_dtype(tokens: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer would compute in: autocast's, where it is on."""
     device_type = tokens.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: shape tracing
         return torch.get_autocast_dtype(device_type)
     return tokens.dtype
 
