@@ -32,7 +32,7 @@ def run(argv, capsys):
     "extra, expected",
     [
         (["--plugins", "fdsp"], "unknown plugin 'fdsp'. Did you mean 'fsdp'"),
-        (["--plugins", "deepep"], "plugin 'deepep' is not installed: pip install plait-deepep"),
+        (["--plugins", "torchft"], "plugin 'torchft' is not installed: pip install plait-torchft"),
         (["--training.step", "5"], "--training.steps"),
         (["--training.steps", "ten"], "--training.steps"),
         (["--training.dtype", "fp16"], "float32"),

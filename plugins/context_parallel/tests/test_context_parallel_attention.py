@@ -127,6 +127,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
         results["flex-forward"] = run_toy(FlexKernel(), mesh, backward=False)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
+        dist.barrier()  # gloo aborts a rank whose peer tears the group down while it still works
     finally:
         dist.destroy_process_group()
 

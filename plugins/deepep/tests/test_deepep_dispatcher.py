@@ -89,6 +89,7 @@ def _rank(rank: int, port: int, folder: str, shared_experts: int, overlap: bool,
             "async_combines": getattr(buffers[0], "async_combines", None),
         }
         Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # gloo aborts a rank whose peer tears the group down while it still works
     finally:
         dist.destroy_process_group()
 

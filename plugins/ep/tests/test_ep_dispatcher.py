@@ -68,6 +68,7 @@ def _rank(rank: int, init_file: str, results: str) -> None:
              "rows": dispatched.tokens.detach()},
             os.path.join(results, f"rank{rank}.pt"),
         )
+        dist.barrier()  # gloo aborts a rank whose peer tears the group down while it still works
     finally:
         dist.destroy_process_group()
 
