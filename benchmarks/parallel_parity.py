@@ -32,6 +32,7 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...], list[str]]] = {
     "HSDP 2×2": (4, ("plait_fsdp",), ["--plugins", "fsdp", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2"]),
     "TP 2": (2, ("plait_tp",), ["--plugins", "tp", "--parallelism.tp", "2"]),
     "FSDP 2 × TP 2": (4, ("plait_fsdp", "plait_tp"), ["--plugins", "fsdp,tp", "--parallelism.dp_shard", "2", "--parallelism.tp", "2"]),
+    "HSDP 2×2 × TP 2": (8, ("plait_fsdp", "plait_tp"), ["--plugins", "fsdp,tp", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2"]),
     "CP 2": (2, ("plait_context_parallel",), ["--plugins", "context-parallel,fsdp", "--parallelism.cp", "2"]),
     "CP 2 × FSDP 2": (4, ("plait_context_parallel",), ["--plugins", "context-parallel,fsdp", "--parallelism.cp", "2", "--parallelism.dp_shard", "2"]),
     "PP 2 (1F1B)": (2, ("plait_pipeline",), ["--plugins", "pipeline", "--parallelism.pp", "2", "--pipeline.schedule", "1F1B"]),

@@ -1,5 +1,6 @@
-"""FSDP × TP on a 2-D mesh (4 gloo ranks) and FSDP 4 train like one process, and a checkpoint
-saved under FSDP 4 resumes under FSDP 2 × TP 2 with the same losses."""
+"""FSDP × TP on a 2-D mesh (4 gloo ranks), HSDP × TP on a 3-D mesh (8 ranks) and FSDP 4 train
+like one process, and a checkpoint saved under FSDP 4 resumes under FSDP 2 × TP 2 with the
+same losses."""
 import shutil
 
 import pytest
@@ -63,3 +64,11 @@ def test_fsdp4_matches_one_process_and_resumes_under_fsdp2_x_tp2(tmp_path, refer
     losses = run_ranks(4, second, tmp_path / "second.json")["losses"]
     assert sorted(losses) == [4, 5, 6]
     assert_close(losses, reference, range(4, STEPS + 1))
+
+
+def test_hsdp_x_tp_on_a_3d_mesh_matches_one_process(tmp_path, reference):
+    """dp_replicate 2 × dp_shard 2 × tp 2: 8 ranks, one sequence each pair of tp ranks."""
+    argv = job(tmp_path, "--plugins", "fsdp,tp", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2",
+               "--parallelism.tp", "2", local_batch_size=1)
+    losses = run_ranks(8, argv, tmp_path / "result.json", timeout=600)["losses"]
+    assert_close(losses, reference, range(1, STEPS + 1))
