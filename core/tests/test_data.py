@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import time
 
 import datasets
@@ -246,8 +248,10 @@ def test_folder_and_comma_list_read_files_in_path_order(tok, tmp_path):
     assert got == (stream_of(tok, DOCS) * 3)[: len(got)]
 
 
-def test_streaming_or_not_gives_the_same_batches(tok, tmp_path):
-    path = write(tmp_path, "parquet")
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_streaming_or_not_gives_the_same_batches(tok, tmp_path, kind):
+    """For .jsonl, streaming reads the lines itself and map mode goes through datasets."""
+    path = write(tmp_path, kind)
     streamed = take(make_loader(tok, DataSection(dataset=path, streaming=True)), 6)
     mapped = take(make_loader(tok, DataSection(dataset=path, streaming=False)), 6)
     assert_same_batches(streamed, mapped)
@@ -298,6 +302,28 @@ def test_malformed_file_is_a_config_error(tok, tmp_path, streaming):
     path.write_text('{"text": "fine"}\n{not json\n')
     with pytest.raises(ConfigError, match="could not be loaded: .*JSON parse error"):
         make_loader(tok, DataSection(dataset=str(path), streaming=streaming))
+
+
+def test_json_lines_are_read_without_importing_datasets(tmp_path):
+    path = write(tmp_path, "jsonl")
+    code = (
+        "import sys\n"
+        "from plait.config import DataSection\n"
+        "from plait.data.sources import build_source\n"
+        f"reader = build_source(DataSection(dataset={path!r})).open(None)\n"
+        "assert reader.read(10**6)[:2] == ['alpha', 'def long_function(argument):\\n' + '    value = argument * 2 + 1\\n' * 12]\n"
+        "assert 'datasets' not in sys.modules, 'datasets was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_json_lines_skip_blank_lines_and_refuse_non_objects(tok, tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text('{"text": "one"}\n\n  \n{"text": "two"}\n')
+    assert build_source(DataSection(dataset=str(path))).open(None).read(10**6) == ["one", "two"]
+    path.write_text('{"text": "one"}\n["two"]\n')
+    with pytest.raises(ConfigError, match="holds a JSON list; JSON lines need one object per line"):
+        make_loader(tok, DataSection(dataset=str(path)))
 
 
 def test_empty_documents_only_is_an_error_not_a_hang(tok, tmp_path):

@@ -2,14 +2,17 @@
 
 A source is an ordered sequence of texts that can be reopened at a saved position.
 Positions are small JSON values: ``None`` is the start of the data; the embedded corpus
-uses ``{"index": i}``; Hugging Face datasets use the dataset's own ``state_dict()``,
-which resumes inside a file without reading what comes before it.
+uses ``{"index": i}``; local JSON-lines files, read line by line without the ``datasets``
+library, ``{"file": i, "offset": byte}``; Hugging Face datasets (other local files, hub
+names, ``--data.streaming False``) use the dataset's own ``state_dict()``. Each resumes
+inside a file without reading what comes before it.
 """
 from __future__ import annotations
 
 import copy
 import glob
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,6 +91,102 @@ class _ListReader(DocumentReader):
         self._next = min(self._next + count, len(self._documents))
 
 
+# ------------------------------------------------------------------ local JSON lines
+
+#: How much of a JSON-lines file is parsed before training starts, so that a malformed
+#: file is a ConfigError at once (Hugging Face's reader parses its first block too).
+_CHECKED_BYTES = 1 << 16
+
+
+class JsonLinesSource(DocumentSource):
+    """Local ``.jsonl`` files, one JSON object per line, read line by line. Importing
+    ``datasets`` for them would cost about a second and 100 MB at start-up."""
+
+    def __init__(self, files: list[Path], *, data: DataSection, identity: str) -> None:
+        self.files = files
+        self.data = data
+        self.identity = identity
+
+    def open(self, position: Position) -> _JsonLinesReader:
+        return _JsonLinesReader(self, start=position)
+
+    def check(self) -> None:
+        """The first row must hold the text field as text; the first lines must parse."""
+        reader = self.open(None)
+        rows = reader.rows()
+        first = next(rows, None)
+        if first is None:
+            raise ConfigError(f"--data.dataset {self.data.dataset!r} (split {self.data.split!r}) holds no rows.")
+        _check_first_row(first, self.data)
+        for _ in rows:
+            if reader.bytes_read >= _CHECKED_BYTES:
+                break
+        rows.close()
+
+
+class _JsonLinesReader(DocumentReader):
+    def __init__(self, source: JsonLinesSource, *, start: Position) -> None:
+        self._source = source
+        self._start = start
+        self._started = False
+        self._file = 0 if start is None else int(start["file"])
+        self._offset = 0 if start is None else int(start["offset"])
+        self.bytes_read = 0
+
+    def position(self) -> Position:
+        return {"file": self._file, "offset": self._offset} if self._started else self._start
+
+    def read(self, max_chars: int) -> list[str]:
+        field, label = self._source.data.text_field, f"dataset {self._source.data.dataset!r}"
+        texts: list[str] = []
+        chars = 0
+        rows = self.rows()
+        for row in rows:
+            text = row.get(field)
+            if text is None:
+                text = ""
+            elif not isinstance(text, str):
+                raise _not_text(field, label, text)
+            texts.append(text)
+            chars += len(text)
+            if chars >= max_chars:
+                break
+        rows.close()  # closes the file; the position stays after the last row taken
+        return texts
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """The JSON objects from the position on, skipping blank lines; the position
+        moves past each row as it is taken."""
+        self._started = True
+        files = self._source.files
+        while self._file < len(files):
+            with open(files[self._file], "rb") as handle:
+                handle.seek(self._offset)
+                for line in iter(handle.readline, b""):
+                    at = self._offset
+                    self._offset += len(line)
+                    self.bytes_read += len(line)
+                    if line.strip():
+                        yield self._parse(line, files[self._file], at)
+            self._file, self._offset = self._file + 1, 0
+
+    def _parse(self, line: bytes, file: Path, at: int) -> dict[str, Any]:
+        try:
+            row = json.loads(line)
+        except ValueError as error:  # also bad UTF-8
+            message = f"JSON parse error in {file} at byte {at}: {error}"
+            raise _unreadable(self._source.data, ValueError(message)) from None
+        if not isinstance(row, dict):
+            message = f"{file} at byte {at} holds a JSON {type(row).__name__}; JSON lines need one object per line"
+            raise _unreadable(self._source.data, ValueError(message))
+        return row
+
+
+def _is_json_lines(files: list[Path], data: DataSection) -> bool:
+    """Uncompressed ``.jsonl`` files streamed whole: what ``JsonLinesSource`` reads."""
+    return data.streaming and "[" not in data.split and all(f.name.lower().endswith(".jsonl") for f in files)
+
+
 # --------------------------------------------------------------- Hugging Face datasets
 
 
@@ -147,10 +246,16 @@ def build_source(data: DataSection) -> DocumentSource:
         corpus = embedded_corpus()
         return EmbeddedSource(corpus.documents, fingerprint=corpus.fingerprint)
 
+    files = _local_files(data.dataset)
+    if files is not None and _is_json_lines(files, data):
+        source = JsonLinesSource(files, data=data, identity=f"jsonl:{len(files)} files:{_names_hash(files)}:"
+                                                          f"{data.split}:{data.text_field}:lines")
+        source.check()
+        return source
+
     import datasets
 
     datasets.disable_progress_bars()
-    files = _local_files(data.dataset)
     if files is not None:
         builder = _builder_for(files, data.dataset)
         base_split = data.split.split("[")[0] or "train"
@@ -161,9 +266,7 @@ def build_source(data: DataSection) -> DocumentSource:
             ),
             missing_hint="",
         )
-        # Names relative to their folder, hashed: the same data moved elsewhere still resumes.
-        names = hashlib.sha256("\0".join(f.name for f in files).encode()).hexdigest()[:16]
-        identity = f"{builder}:{len(files)} files:{names}"
+        identity = f"{builder}:{len(files)} files:{_names_hash(files)}"
     else:
         dataset = _load(
             data,
@@ -212,6 +315,11 @@ def _local_files(spec: str) -> list[Path] | None:
         else:
             return None  # a Hugging Face dataset name
     return files
+
+
+def _names_hash(files: list[Path]) -> str:
+    """Names relative to their folder, hashed: the same data moved elsewhere still resumes."""
+    return hashlib.sha256("\0".join(f.name for f in files).encode()).hexdigest()[:16]
 
 
 def _suffix(path: Path) -> str:
@@ -281,6 +389,10 @@ def _check_text_field(dataset: datasets.IterableDataset, data: DataSection) -> N
         raise _unreadable(data, error) from None
     if first is None:
         raise ConfigError(f"--data.dataset {data.dataset!r} (split {data.split!r}) holds no rows.")
+    _check_first_row(first, data)
+
+
+def _check_first_row(first: dict[str, Any], data: DataSection) -> None:
     if data.text_field not in first:
         raise ConfigError(
             f"--data.text_field: dataset {data.dataset!r} has no column {data.text_field!r}; "
