@@ -119,6 +119,11 @@ def _install_hint(name: str) -> str:
     return f"pip install {dist} (from a checkout: pip install ./{folder})"
 
 
+def _is_model_plugin(module: object) -> bool:
+    """Enabled by --model or --config, not listed in --plugins."""
+    return any(str(capability).startswith("model:") for capability in getattr(module, "PROVIDES", ()))
+
+
 def _not_installed(name: str, installed: dict[str, InstalledPlugin]) -> PluginError:
     hint = _install_hint(name)
     if hint:
@@ -183,9 +188,10 @@ class PluginManager:
             for required in getattr(self._modules[name], "REQUIRES", ()):
                 if required not in self._modules:
                     where = "" if required in self._installed else f" ({_install_hint(required) or 'not installed'})"
+                    selected = [n for n, m in self._modules.items() if not _is_model_plugin(m)]  # --plugins
                     raise PluginError(
                         f"plugin {name!r} requires plugin {required!r}: add it, e.g. "
-                        f"--plugins {','.join([*self._modules, required])}{where}"
+                        f"--plugins {','.join([*selected, required])}{where}"
                     )
         try:
             self._pm.check_pending()

@@ -65,4 +65,4 @@ def test_deepep_without_ep_names_the_missing_plugin(capsys):
     code, output = run(["plan", "--world-size", "2", "--config", "qwen3_moe_debugmodel", "--plugins", "fsdp,deepep",
                         "--parallelism.ep", "2"], capsys)
     assert code == 2, output
-    assert "ep" in output and "deepep" in output
+    assert "plugin 'deepep' requires plugin 'ep': add it, e.g. --plugins fsdp,deepep,ep" in output
