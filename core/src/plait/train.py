@@ -298,7 +298,8 @@ class Trainer:
             config, self.spec, pd, self.hook, model_args=self.model_args, device=self.device,
             grad_accumulation_steps=self.grad_accumulation_steps,
         )
-        reference = self._reference_weights() if pd.world_size > 1 and config.training.deterministic else None
+        layout_independent = pd.world_size > 1 and (config.training.deterministic or not self._sharded_rng_supported())
+        reference = self._reference_weights() if layout_independent else None
         for part in parts:
             part.to_empty(device=self.device)
             if reference is None:
@@ -311,11 +312,24 @@ class Trainer:
         logger.info("model %s/%s: %s parameters", self.spec.name, config.model.flavor, f"{n_params:,}")
         return parts, pipeline
 
+    def _sharded_rng_supported(self) -> bool:
+        """Whether DTensor random ops draw distinct numbers for each shard on this device
+        (CUDA-like devices). Elsewhere (CPU) every shard would draw the same numbers."""
+        import warnings
+
+        from torch.distributed.tensor._random import is_rng_supported_mesh
+
+        mesh = self.parallel_dims.get_optional_mesh("world")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns when the answer is no
+            return mesh is not None and is_rng_supported_mesh(mesh)
+
     def _reference_weights(self) -> dict[str, torch.Tensor]:
         """The weights a single process would initialize, for runs that must not depend on
-        the layout (``--training.deterministic`` with several processes): random init of
-        sharded or split parameters draws different numbers than one full model does.
-        Costs one full fp32 copy of the model in CPU memory on every rank while it loads."""
+        the layout (``--training.deterministic`` with several processes) and for devices
+        whose DTensor random ops cannot draw per shard (CPU: every shard of a weight would
+        get the same numbers). Costs one full fp32 copy of the model in CPU memory on every
+        rank while it loads."""
         with torch.device("meta"):
             full = self.spec.build(self.model_args)
         self.hook.plait_convert_model(model=full, config=self.config, model_spec=self.spec)

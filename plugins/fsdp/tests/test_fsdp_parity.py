@@ -197,3 +197,15 @@ def test_gradients_sync_only_in_the_last_micro_batch(monkeypatch):
     assert plugin.plait_train_context(
         config=None, parallel_dims=dims, ctx=FakeStep(grad_accumulation_steps=1)
     ) is None
+
+
+def test_cpu_ranks_initialize_like_one_process_without_deterministic_mode(tmp_path):
+    """DTensor random ops cannot draw per shard on CPU (every shard would get the same
+    numbers), so sharded CPU runs load the weights one process initializes."""
+    argv = job(tmp_path / "fsdp", "--plugins", "fsdp", "--parallelism.dp_shard", "2", local_batch_size=2)
+    argv[argv.index("--training.deterministic") + 1] = "False"
+    single = job(tmp_path / "single", local_batch_size=GLOBAL_BATCH)
+    single[single.index("--training.deterministic") + 1] = "False"
+    reference = train(single)
+    sharded = run_ranks(2, argv, tmp_path / "result.json")
+    assert abs(sharded["losses"][1] - reference.losses[1]) < TOLERANCE
