@@ -6,25 +6,11 @@ published-size recipes are starting points: Qwen did not publish its optimizer s
 from __future__ import annotations
 
 from plait.config import JobConfig
-
-
-def _job(flavor: str, description: str) -> JobConfig:
-    config = JobConfig()
-    config.model.name = "qwen3"
-    config.model.flavor = flavor
-    config.job.description = description
-    return config
+from plait.recipes import debug_recipe, pretraining_recipe
 
 
 def _debug(flavor: str, description: str) -> JobConfig:
-    config = _job(flavor, description)
-    config.training.steps = 50
-    config.training.seq_len = 256
-    config.training.local_batch_size = 8
-    config.optimizer.lr = 8e-4
-    config.lr_scheduler.warmup_steps = 5
-    config.checkpoint.interval = 25
-    return config
+    return debug_recipe("qwen3", flavor, description)
 
 
 def qwen3_debugmodel() -> JobConfig:
@@ -41,25 +27,7 @@ def qwen3_moe_debugmodel() -> JobConfig:
 
 
 def _published(flavor: str, *, lr: float, steps: int = 1000) -> JobConfig:
-    config = _job(flavor, f"qwen3 {flavor} pretraining")
-    config.training.seq_len = 4096
-    config.training.local_batch_size = 1
-    config.training.steps = steps
-    config.training.dtype = "bfloat16"
-    config.training.max_norm = 1.0
-    config.optimizer.lr = lr
-    config.optimizer.eps = 1e-8
-    config.optimizer.weight_decay = 0.1
-    config.optimizer.implementation = "fused"
-    config.lr_scheduler.warmup_steps = 200
-    config.lr_scheduler.decay_type = "cosine"
-    config.lr_scheduler.min_lr_factor = 0.1
-    config.activation_checkpoint.mode = "selective"
-    config.activation_checkpoint.selective_option = "op"
-    config.compile.enable = True
-    config.checkpoint.interval = 500
-    config.metrics.log_freq = 10
-    return config
+    return pretraining_recipe("qwen3", flavor, lr=lr, steps=steps, seq_len=4096)
 
 
 def _published_moe(flavor: str, *, lr: float) -> JobConfig:
