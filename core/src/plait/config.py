@@ -80,7 +80,9 @@ class OptimizerSection:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    implementation: Literal["for-loop", "foreach", "fused"] = "foreach"
+    implementation: Literal["for-loop", "foreach", "fused"] = "fused"
+    """AdamW's implementation; ``fused`` falls back to ``foreach`` (with a log line) where
+    torch has no fused kernel for the parameters' device or dtype."""
 
     def validate(self) -> None:
         _require(self.lr > 0, f"--optimizer.lr must be positive, got {self.lr}")

@@ -45,6 +45,9 @@ TPStyle = Literal[
     "output",  # column-parallel LM head, logits sharded on vocab (for loss parallel)
     "sequence_parallel",  # norms run on sequence shards
     "prepare_input",  # gather the sequence-sharded input before attention / FFN
+    "replicate",  # parameters replicated, computed on replicated inputs (MLA's latent projections)
+    "moe",  # a plait.nn.MoE layer: experts' hidden features sharded, input gathered, output summed
+    "sum_gradient",  # identity whose input gradient is summed over the tp ranks
 ]
 
 
@@ -53,7 +56,8 @@ class TPPlan:
     """A model's tensor-parallel plan: module path pattern -> style.
 
     ``divisible_by_tp`` names the model-args attributes that tp must divide (head
-    counts, FFN width); the tp plugin checks them and reports the first that fails.
+    counts, FFN width; dotted for nested ones, ``"moe.hidden_dim"``, skipped where a
+    part is None); the tp plugin checks them and reports the first that fails.
     """
 
     styles: Mapping[str, TPStyle]

@@ -1,6 +1,7 @@
 """AdamW and the warmup-stable-decay learning-rate schedule."""
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 
@@ -9,23 +10,43 @@ from torch import nn
 
 from plait.config import LRSchedulerSection, OptimizerSection
 
+logger = logging.getLogger("plait")
+
 
 def build_optimizer(section: OptimizerSection, model_parts: list[nn.Module]) -> torch.optim.Optimizer:
-    """AdamW over all parameters; weight decay only on matrices (not norms or biases)."""
+    """AdamW over all parameters; weight decay only on matrices (not norms or biases).
+    ``fused`` (the default) falls back to ``foreach`` where torch has no fused kernel for
+    the parameters' device or dtype."""
     params = [p for part in model_parts for p in part.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": section.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    implementation = section.implementation
+    unsupported = next((p for p in params if not _fused_supported(p)), None) if implementation == "fused" else None
+    if unsupported is not None:
+        logger.info(
+            "optimizer: torch has no fused AdamW for %s parameters on %s; using foreach",
+            unsupported.dtype, unsupported.device.type,
+        )
+        implementation = "foreach"
     return torch.optim.AdamW(
         groups,
         lr=section.lr,
         betas=(section.beta1, section.beta2),
         eps=section.eps,
-        foreach=section.implementation == "foreach",
-        fused=section.implementation == "fused",
+        foreach=implementation == "foreach",
+        fused=implementation == "fused",
     )
+
+
+def _fused_supported(param: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW takes this parameter (its own check: a floating-point
+    tensor on a device with fused optimizer kernels)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return param.device.type in _get_fused_kernels_supported_devices() and torch.is_floating_point(param)
 
 
 def lr_factor(step: int, *, total_steps: int, section: LRSchedulerSection) -> float:

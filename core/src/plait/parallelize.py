@@ -53,8 +53,12 @@ def apply_activation_checkpointing(model: nn.Module, section: ActivationCheckpoi
         blocks.register_module(name, wrapped)
 
 
-def apply_compile(model: nn.Module, section: CompileSection, container: str) -> None:
-    """Compile each block in place (names and state-dict keys stay unchanged)."""
+def apply_compile(model: nn.Module, section: CompileSection, container: str, *, fullgraph: bool = True) -> None:
+    """Compile each block in place (names and state-dict keys stay unchanged).
+
+    ``fullgraph=False`` lets a block break its graph, for modules wrapped on their own
+    inside a block whose hooks torch does not trace (FSDP2 runs them under
+    ``torch._dynamo.disable``: the experts under expert parallelism)."""
     if not section.enable:
         return
     blocks = blocks_of(model, container)
@@ -62,5 +66,5 @@ def apply_compile(model: nn.Module, section: CompileSection, container: str) -> 
         model.compile(backend=section.backend, fullgraph=False)
         return
     for block in blocks.children():
-        block.compile(backend=section.backend, fullgraph=True)
+        block.compile(backend=section.backend, fullgraph=fullgraph)
 

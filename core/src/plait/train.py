@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -144,7 +144,8 @@ def build_model_parts(
         hook.plait_apply_expert_parallel(model=part, **common)
         hook.plait_apply_context_parallel(model=part, **common)
         apply_activation_checkpointing(part, config.activation_checkpoint, spec.block_container)
-        apply_compile(part, config.compile, spec.block_container)
+        # Under ep the experts are an FSDP unit of their own inside each MoE block.
+        apply_compile(part, config.compile, spec.block_container, fullgraph=not pd.ep_enabled)
         hook.plait_apply_data_parallel(model=part, **common)
     return parts, pipeline
 
@@ -208,7 +209,7 @@ class Trainer:
         self.model_parts, self.pipeline = self._build_model()
         self.loss_fn = spec.loss_fn or token_cross_entropy
         if config.compile.enable:
-            self.loss_fn = torch.compile(self.loss_fn, backend=config.compile.backend)
+            self.loss_fn = compiled_loss(self.loss_fn, backend=config.compile.backend)
 
         from plait.optim import build_lr_scheduler, build_optimizer
 
@@ -524,6 +525,22 @@ def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     norm = torch.linalg.vector_norm(torch.stack(norms))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     return norm.float()
+
+
+def compiled_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` compiled, except on DTensor logits: vocabulary-sharded logits compute
+    their loss through a dispatch-time context (tp's loss parallelism), which a
+    compiled graph does not see (it returned the loss of the local shard)."""
+    compiled = torch.compile(loss_fn, backend=backend)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, labels) if _is_dtensor(logits) else compiled(logits, labels)
+
+    return loss
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor) is not torch.Tensor and hasattr(tensor, "full_tensor")
 
 
 def default_forward_backward(ctx: StepContext) -> torch.Tensor:

@@ -5,14 +5,11 @@ import subprocess
 import sys
 from importlib import metadata
 
-import pytest
-
 import plait
+import pytest
 from plait.config import JobConfig
-from plait.errors import ConfigError
-from plait.parallel_dims import ParallelDims
 from plait_deepseek_v3 import config_registry, plugin
-from plait_deepseek_v3.spec import FLAVORS, deepseek_v3_spec
+from plait_deepseek_v3.spec import FLAVORS
 
 RECIPES = ("deepseek_v3_debugmodel", "deepseek_v3_16b", "deepseek_v3_671b")
 
@@ -56,19 +53,3 @@ def test_recipes_are_valid_jobs(recipe: str) -> None:
     config.validate()
     assert config.model.name == "deepseek_v3" and config.model.flavor in FLAVORS
     assert config.moe.load_balance_coeff > 0  # aux-loss-free balancing, as DeepSeek-V3 trains
-
-
-def _validate(flavor: str, **degrees: int) -> None:
-    config = config_registry.deepseek_v3_debugmodel()
-    config.model.flavor = flavor
-    world = 1
-    for degree in degrees.values():
-        world *= degree
-    plugin.plait_validate(config=config, parallel_dims=ParallelDims(world_size=world, **degrees),
-                          model_spec=deepseek_v3_spec())  # fmt: skip
-
-
-def test_tensor_parallelism_is_refused_with_the_alternatives() -> None:
-    _validate("debugmodel", dp_shard=2)
-    with pytest.raises(ConfigError, match="deepseek_v3/671B cannot use tensor parallelism.*--parallelism.ep"):
-        _validate("671B", tp=2)

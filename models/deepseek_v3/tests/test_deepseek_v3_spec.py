@@ -24,7 +24,7 @@ def test_spec_fields() -> None:
     assert spec.cp_attention is None  # refused by the context_parallel plugin
     assert spec.hf_adapter is not None and spec.hf_adapter.hf_architectures == ("DeepseekV3ForCausalLM",)
     assert spec.args_for("671B") is FLAVORS["671B"]
-    assert set(FLAVORS) == {"debugmodel", "16B", "671B"}
+    assert set(FLAVORS) == {"debugmodel", "debugmodel_q_lora", "16B", "671B"}
 
 
 def _active_weights(model: torch.nn.Module, args) -> int:
@@ -75,9 +75,20 @@ def test_tp_plan_names_real_modules() -> None:
         assert style in known_styles, pattern
         assert any(_matches(pattern, path) for path in paths), f"{pattern} matches no module"
     for attribute in TP_PLAN.divisible_by_tp:
-        assert isinstance(getattr(FLAVORS["671B"], attribute), int), attribute
-    latent = [path for path in paths if path.endswith(("wq_a", "wkv_a", "q_norm", "kv_norm")) or ".moe" in path]
-    assert latent and not any(_matches(p, path) for p in TP_PLAN.styles for path in latent)
+        value = FLAVORS["671B"]
+        for part in attribute.split("."):
+            value = getattr(value, part)
+        assert isinstance(value, int), attribute
+
+    def styles_of(path: str) -> set[str]:
+        return {style for pattern, style in TP_PLAN.styles.items() if _matches(pattern, path)}
+
+    latent = [path for path in paths if path.endswith(("attention.wq_a", "attention.wkv_a", "q_norm", "kv_norm"))]
+    assert latent and all(styles_of(path) == {"replicate"} for path in latent)
+    moe_layers = [path for path in paths if path.endswith(".moe")]
+    assert moe_layers and all(styles_of(path) == {"moe"} for path in moe_layers)
+    assert not any(styles_of(path) for path in paths if ".moe." in path)  # the moe style covers the whole layer
+    assert all(styles_of(path) == {"sum_gradient"} for path in paths if path.endswith("rope_key"))
 
 
 def test_expert_modules_are_the_grouped_experts() -> None:

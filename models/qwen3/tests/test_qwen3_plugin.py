@@ -6,14 +6,11 @@ import subprocess
 import sys
 from importlib import metadata
 
-import pytest
-
 import plait
+import pytest
 from plait.config import JobConfig
-from plait.errors import ConfigError
-from plait.parallel_dims import ParallelDims
 from plait_qwen3 import config_registry, plugin
-from plait_qwen3.spec import FLAVORS, qwen3_spec
+from plait_qwen3.spec import FLAVORS
 
 RECIPES = (
     "qwen3_debugmodel", "qwen3_moe_debugmodel", "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b",
@@ -78,26 +75,11 @@ def test_published_recipes() -> None:
     assert (debug.model.flavor, debug.training.steps, debug.checkpoint.interval) == ("debugmodel_moe", 50, 25)
 
 
-def _validate(flavor: str, tp: int) -> None:
-    config = JobConfig()
-    config.model.name, config.model.flavor = "qwen3", flavor
-    plugin.plait_validate(config=config, parallel_dims=ParallelDims(tp=tp, dp_shard=1, world_size=tp),
-                          model_spec=qwen3_spec())  # fmt: skip
-
-
-def test_tensor_parallel_moe_is_refused() -> None:
-    with pytest.raises(ConfigError, match="qwen3/debugmodel_moe is a mixture-of-experts model.*--parallelism.ep"):
-        _validate("debugmodel_moe", tp=2)
-    _validate("debugmodel_moe", tp=1)
-    _validate("debugmodel", tp=2)
-
-
 @pytest.mark.parametrize(
     ("recipe", "tp", "message"),
     [
         ("qwen3_debugmodel", 3, r"--parallelism.tp 3 does not divide n_heads = 8 of qwen3/debugmodel.*valid: 1, 2, 4"),
         ("qwen3_debugmodel", 8, r"--parallelism.tp 8 does not divide kv_heads = 4 of qwen3/debugmodel"),
-        ("qwen3_moe_debugmodel", 2, r"qwen3/debugmodel_moe is a mixture-of-experts model"),
     ],
 )
 def test_tp_validation_errors_from_the_command_line(
@@ -112,3 +94,19 @@ def test_tp_validation_errors_from_the_command_line(
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_tp_must_divide_the_experts_hidden_width() -> None:
+    pytest.importorskip("plait_tp", reason="needs the tp plugin (plait-tp)")
+    import dataclasses
+
+    from plait.errors import ConfigError
+    from plait_qwen3.spec import qwen3_spec
+    from plait_tp.plugin import check_divisibility
+
+    moe = FLAVORS["debugmodel_moe"]
+    odd = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, hidden_dim=250))
+    check_divisibility(2, qwen3_spec(), odd, "debugmodel_moe")
+    with pytest.raises(ConfigError, match=r"--parallelism.tp 4 does not divide moe.hidden_dim = 250 .*valid: 1, 2\)"):
+        check_divisibility(4, qwen3_spec(), odd, "debugmodel_moe")
+    check_divisibility(4, qwen3_spec(), FLAVORS["debugmodel"], "debugmodel")  # dense: no moe.hidden_dim to check

@@ -56,23 +56,33 @@ def test_flops_per_token_counts_only_the_active_experts() -> None:
 
 
 def test_tp_plan_names_real_modules() -> None:
-    model = _meta_model("debugmodel")
-    paths = [name for name, _ in model.named_modules() if name]
+    models = [_meta_model("debugmodel"), _meta_model("debugmodel_moe")]
+    paths = [name for model in models for name, _ in model.named_modules() if name]
     allowed = set(typing.get_args(TPStyle))
     for pattern, style in TP_PLAN.styles.items():
         assert style in allowed, pattern
         assert any(_matches(pattern, path) for path in paths), f"{pattern} matches no module"
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("layers.")]
-    for path in linears:
-        styles = {style for pattern, style in TP_PLAN.styles.items() if _matches(pattern, path)}
-        assert styles in ({"colwise"}, {"rowwise"}), path
+
+    def styles_of(path: str) -> set[str]:
+        return {style for pattern, style in TP_PLAN.styles.items() if _matches(pattern, path)}
+
+    for model in models:
+        for path, module in model.named_modules():
+            if isinstance(module, nn.Linear) and path.startswith("layers.") and ".moe." not in path:
+                assert styles_of(path) in ({"colwise"}, {"rowwise"}), path
+            if ".moe." in path:
+                assert not styles_of(path), path  # the moe style covers the whole layer
+            if path.endswith(".moe"):
+                assert styles_of(path) == {"moe"}, path
 
 
 @pytest.mark.parametrize("flavor", sorted(FLAVORS))
 def test_tp_divisibility_attributes(flavor: str) -> None:
     args = FLAVORS[flavor]
-    values = {name: getattr(args, name) for name in TP_PLAN.divisible_by_tp}
+    values = {name: getattr(args, name) for name in TP_PLAN.divisible_by_tp if "." not in name}
     assert all(isinstance(v, int) and v > 0 for v in values.values()), values
+    if args.moe is not None:
+        assert "moe.hidden_dim" in TP_PLAN.divisible_by_tp and args.moe.hidden_dim > 0
     assert (values["n_heads"], values["kv_heads"]) == (args.n_heads, args.n_kv_heads)
 
 

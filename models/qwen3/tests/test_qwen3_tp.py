@@ -1,5 +1,6 @@
-"""Tensor parallelism of the dense model, with the per-head q/k norms that
-``plait_qwen3.tensor_parallel`` prepares: two tp ranks train like one process."""
+"""Tensor parallelism: the dense model, with the per-head q/k norms that
+``plait_qwen3.tensor_parallel`` prepares, and the MoE model, whose experts' hidden
+features the tp plugin splits: two tp ranks train like one process."""
 from __future__ import annotations
 
 import shutil
@@ -15,9 +16,9 @@ from plait.testing import run_ranks
 STEPS = 5  # the tp run resumes from the single run's step-1 checkpoint and trains 4 steps
 
 
-def _job(dump: Path, *extra: str) -> list[str]:
+def _job(recipe: str, dump: Path, *extra: str) -> list[str]:
     return [
-        "--config", "qwen3_debugmodel",
+        "--config", recipe,
         "--training.steps", str(STEPS),
         "--training.seq_len", "64",
         "--training.local_batch_size", "2",
@@ -30,10 +31,19 @@ def _job(dump: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_two_tp_ranks_match_one_process(tmp_path: Path) -> None:
-    single = train(_job(tmp_path / "single")).losses
+@pytest.mark.parametrize(
+    ("recipe", "options"),
+    [
+        pytest.param("qwen3_debugmodel", [], id="dense"),
+        pytest.param("qwen3_moe_debugmodel", [], id="moe"),
+        pytest.param("qwen3_moe_debugmodel", ["--tp.sequence_parallel", "False", "--tp.loss_parallel", "False"],
+                     id="moe-no-sp"),
+    ],
+)
+def test_two_tp_ranks_match_one_process(tmp_path: Path, recipe: str, options: list[str]) -> None:
+    single = train(_job(recipe, tmp_path / "single")).losses
     shutil.copytree(tmp_path / "single" / "checkpoint" / "step-1", tmp_path / "tp" / "checkpoint" / "step-1")
-    argv = _job(tmp_path / "tp", "--plugins", "tp", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
+    argv = _job(recipe, tmp_path / "tp", *options, "--plugins", "tp", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
                 "--job.pg_timeout_seconds", "90")  # fmt: skip
 
     tp_losses = run_ranks(2, argv, tmp_path / "losses.json")["losses"]

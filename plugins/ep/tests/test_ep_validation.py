@@ -33,15 +33,10 @@ def validate(world_size: int, *argv: str) -> None:
             id="dense-flavor",
         ),
         pytest.param(
-            4,
-            ["--parallelism.ep", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2", "--plugins", "ep,fsdp,tp"],
-            r"does not shard experts over tensor-parallel ranks yet; use --parallelism.tp 1",
-            id="tensor-parallel",
-        ),
-        pytest.param(
-            2, ["--parallelism.ep", "2", "--parallelism.dp_shard", "2", "--compile.enable", "True"],
-            r"drop --compile.enable",
-            id="compile",
+            2, ["--parallelism.ep", "2", "--parallelism.dp_shard", "2", "--activation_checkpoint.mode", "selective",
+                "--activation_checkpoint.selective_option", "op"],
+            r"per-op checkpointing cannot replay; use --activation_checkpoint.mode full",
+            id="selective-op-checkpointing",
         ),
     ],
 )

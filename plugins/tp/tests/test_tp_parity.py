@@ -77,6 +77,21 @@ def test_two_tp_ranks_match_one_process(tmp_path, single_process_run, options):
         assert tp_losses[step] == pytest.approx(single_losses[step], abs=1e-5), (step, tp_losses, single_losses)
 
 
+def test_compiled_blocks_and_loss_under_tp_match_one_process(tmp_path, single_process_run):
+    """Per-block compile with sequence and loss parallelism. Two torch behaviours broke this:
+    the embedding's in-flight collective reached the first compiled block (its backward
+    failed), and a compiled loss on vocabulary-sharded logits ignored loss parallelism
+    (it returned the local shard's loss, 14.2 instead of 8.1)."""
+    single_dump, single_losses = single_process_run
+    shutil.copytree(single_dump / "checkpoint" / "step-1", tmp_path / "checkpoint" / "step-1")
+    argv = llama_job(tmp_path, "--plugins", "tp", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
+                     "--job.pg_timeout_seconds", "180", "--compile.enable", "True")
+    tp_losses = run_two_tp_ranks(tmp_path, argv)
+    assert sorted(tp_losses) == list(range(2, STEPS + 1))
+    for step in range(2, STEPS + 1):
+        assert tp_losses[step] == pytest.approx(single_losses[step], abs=1e-5), (step, tp_losses, single_losses)
+
+
 # ------------------------------------------------------------------------- validation
 
 

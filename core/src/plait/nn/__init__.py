@@ -1,13 +1,17 @@
 """Building blocks shared by the model packages: norms, RoPE, attention, feed-forward,
-mixture of experts."""
+mixture of experts, weight initialization (``plait.nn.init``)."""
+from plait.nn import init
 from plait.nn.attention import Attention, ScaledDotProductAttention
 from plait.nn.feed_forward import FeedForward, swiglu_hidden_dim
+from plait.nn.head_shared import HeadShared
+from plait.nn.init import trunc_normal_
 from plait.nn.moe import (
     DispatchedTokens,
     GroupedExperts,
     LocalTokenDispatcher,
     MoE,
     MoEArgs,
+    MoETensorParallel,
     Routing,
     TokenDispatcher,
     TopKRouter,
@@ -21,9 +25,11 @@ __all__ = [
     "DispatchedTokens",
     "FeedForward",
     "GroupedExperts",
+    "HeadShared",
     "LocalTokenDispatcher",
     "MoE",
     "MoEArgs",
+    "MoETensorParallel",
     "RMSNorm",
     "RopeScaling",
     "Routing",
@@ -31,8 +37,10 @@ __all__ = [
     "TokenDispatcher",
     "TopKRouter",
     "apply_rope",
+    "init",
     "load_balance_loss",
     "rope_cache",
     "rope_inv_freq",
     "swiglu_hidden_dim",
+    "trunc_normal_",
 ]

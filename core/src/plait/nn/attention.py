@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.nn.init import trunc_normal_
 from plait.nn.rope import apply_rope
 
 
@@ -70,5 +71,5 @@ class Attention(nn.Module):
     def init_weights(self, *, std: float, out_std: float) -> None:
         """Truncated normal projections; ``out_std`` for ``wo`` (depth-scaled by the caller)."""
         for linear in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+            trunc_normal_(linear.weight, std=std)
+        trunc_normal_(self.wo.weight, std=out_std)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.nn.init import trunc_normal_
+
 
 def swiglu_hidden_dim(dim: int, *, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
     """The usual SwiGLU width: 2/3 of ``4 * dim``, optionally scaled, rounded up to ``multiple_of``."""
@@ -26,6 +28,6 @@ class FeedForward(nn.Module):
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         """Truncated normal; ``out_std`` for the projections feeding the residual path."""
-        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        trunc_normal_(self.w1.weight, std=std)
         for linear in (self.w2, self.w3):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+            trunc_normal_(linear.weight, std=out_std)

@@ -34,6 +34,7 @@ from torch import nn
 
 from plait.errors import ConfigError
 from plait.nn.feed_forward import FeedForward
+from plait.nn.init import trunc_normal_
 
 ScoreFunction = Literal["softmax", "sigmoid"]
 AuxLossType = Literal["sequence", "batch"]
@@ -94,6 +95,17 @@ class MoEArgs:
         return self.num_groups > 1 and self.topk_groups < self.num_groups
 
 
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight: expert parallelism shards the experts (dim 0) and
+    tensor parallelism their hidden features, as DTensors; a MoE layer computes with the
+    local shards and leaves the exchanges to its dispatcher and ``tensor_parallel``."""
+    if not torch.distributed.is_available():
+        return weight
+    from torch.distributed.tensor import DTensor  # here: single-process runs need not load it
+
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
 # --------------------------------------------------------------------------- routing
 
 
@@ -132,7 +144,8 @@ class TopKRouter(nn.Module):
 
     The bias (if given) shifts the scores for the choice only; the weights are the
     unbiased scores of the chosen experts, optionally normalized to sum to one, times
-    ``route_scale``. Scores are computed in float32.
+    ``route_scale``. Scores are computed in float32. Under tensor parallelism the gate
+    weight is a replicated DTensor; the router computes with its local copy.
     """
 
     def __init__(self, *, dim: int, args: MoEArgs) -> None:
@@ -142,7 +155,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, tokens: torch.Tensor, expert_bias: torch.Tensor | None = None) -> Routing:
         args = self.args
-        logits = self.gate(tokens).float()
+        logits = F.linear(tokens, _local(self.gate.weight)).float()
         scores = logits.softmax(dim=-1) if args.score_func == "softmax" else logits.sigmoid()
         choice = scores if expert_bias is None else scores + expert_bias.float()
         if args.group_limited:
@@ -369,12 +382,6 @@ def _compute_dtype(tokens: torch.Tensor) -> torch.dtype:
     return tokens.dtype
 
 
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's experts: under expert parallelism the weights are DTensors sharded on dim 0."""
-    to_local = getattr(weight, "to_local", None)
-    return to_local() if to_local is not None else weight
-
-
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU experts, weights stacked on dim 0 in linear layout:
     ``w1`` (gate) and ``w3`` (up) ``[E, hidden, dim]``, ``w2`` (down) ``[E, dim, hidden]``.
@@ -416,7 +423,7 @@ class GroupedExperts(nn.Module):
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for weight, scale in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
-            nn.init.trunc_normal_(weight, mean=0.0, std=scale, a=-3 * scale, b=3 * scale)
+            trunc_normal_(weight, std=scale)
 
 
 # --------------------------------------------------------------------------- balance loss
@@ -459,6 +466,57 @@ class _AddLossGradient(torch.autograd.Function):
         return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
 
 
+# --------------------------------------------------------------------------- tensor parallelism
+
+
+class MoETensorParallel(abc.ABC):
+    """How a MoE layer computes under tensor parallelism (the tp plugin supplies it, as
+    ``MoE.tensor_parallel``).
+
+    Every tp rank holds all tokens of the micro-batch and routes them identically. Each
+    rank's routed output is then a partial sum, summed over the ranks by the tp plugin:
+    either the experts' hidden features are split over the tp ranks (each rank runs its
+    part of every expert on all tokens), or, when expert parallelism holds the experts,
+    each tp rank sends only its share of the tokens (``token_share``) through the
+    dispatcher and contributes zeros for the rest. The shared experts' hidden features
+    are split over the tp ranks in both cases.
+
+    In the backward the gradients each rank computes through its part are partial too,
+    and the plugin sums them where the tokens enter the layer. Two paths need more: the
+    routing weights multiply partial outputs, so their gradient is summed before the
+    router sees it (``routing_weights``); the router then computes the same full
+    gradient on every rank, so its input gradient must count once in that sum
+    (``router_input``).
+    """
+
+    @abc.abstractmethod
+    def router_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` unchanged; in the backward, its gradient divided by the tp degree."""
+
+    @abc.abstractmethod
+    def routing_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` unchanged; in the backward, its gradient summed over the tp ranks."""
+
+    def token_share(self, num_tokens: int) -> slice | None:
+        """The tokens this rank dispatches to the experts; None: all of them."""
+        return None
+
+
+def _routing_of(routing: Routing, share: slice, num_experts: int) -> Routing:
+    experts = routing.experts[share]
+    return Routing(
+        experts=experts,
+        weights=routing.weights[share],
+        scores=routing.scores[share],
+        tokens_per_expert=count_tokens_per_expert(experts, num_experts),
+    )
+
+
+def _shared_experts_local(shared: FeedForward, tokens: torch.Tensor) -> torch.Tensor:
+    """The shared experts with this rank's shards of their weights (tensor parallelism)."""
+    return _swiglu(tokens, *(_local(linear.weight) for linear in (shared.w1, shared.w2, shared.w3)))
+
+
 # --------------------------------------------------------------------------- the layer
 
 
@@ -467,7 +525,8 @@ class MoE(nn.Module):
 
     Training-time settings (plain attributes; ``configure_moe_layers`` sets them from
     the job config): ``dispatcher``, ``aux_loss_weight`` (the gradient weight of the
-    auxiliary balance loss; 0 = off) and ``aux_loss_type``.
+    auxiliary balance loss; 0 = off) and ``aux_loss_type``; the tp plugin sets
+    ``tensor_parallel`` when it shards the experts' hidden features.
 
     Buffers: ``expert_bias`` (checkpointed; shifts the expert choice, moved between
     steps by ``finish_moe_step``), ``tokens_per_expert`` and ``aux_loss_total`` (this
@@ -489,22 +548,32 @@ class MoE(nn.Module):
         #: [sum of the step's balance losses, number of them]
         self.register_buffer("aux_loss_total", torch.zeros(2, dtype=torch.float32), persistent=False)
         self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
+        self.tensor_parallel: MoETensorParallel | None = None
         self.aux_loss_weight = 0.0
         self.aux_loss_type: AuxLossType = "sequence"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, dim = x.shape
         tokens = x.reshape(-1, dim)
-        routing = self.router(tokens, self.expert_bias)
-        dispatched = self.dispatcher.dispatch(tokens, routing)
+        tp = self.tensor_parallel
+        routing = self.router(tokens if tp is None else tp.router_input(tokens), self.expert_bias)
+        routed_tokens, routed = tokens, routing
+        share = None if tp is None else tp.token_share(tokens.shape[0])
+        if tp is not None:
+            routing.weights = tp.routing_weights(routing.weights)
+            if share is not None:
+                routed_tokens, routed = tokens[share], _routing_of(routing, share, self.args.num_experts)
+        dispatched = self.dispatcher.dispatch(routed_tokens, routed)
         expert_outputs = self.experts(dispatched.tokens, dispatched.tokens_per_expert)
         if self.shared_experts is None:
-            out = self.dispatcher.combine(expert_outputs, dispatched, routing)
+            out, shared_out = self.dispatcher.combine(expert_outputs, dispatched, routed), None
         else:
             shared = self.shared_experts
-            out, shared_out = self.dispatcher.combine_overlapped(
-                expert_outputs, dispatched, routing, lambda: shared(tokens)
-            )
+            run_shared = (lambda: shared(tokens)) if tp is None else (lambda: _shared_experts_local(shared, tokens))
+            out, shared_out = self.dispatcher.combine_overlapped(expert_outputs, dispatched, routed, run_shared)
+        if share is not None:  # the other ranks' tokens contribute zeros to this rank's partial sum
+            out = F.pad(out, (0, 0, share.start, tokens.shape[0] - share.stop))
+        if shared_out is not None:
             out = out + shared_out
         out = out.view(batch, seq_len, dim)
         if self.training:
@@ -519,7 +588,7 @@ class MoE(nn.Module):
         return out
 
     def init_weights(self, *, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.router.gate.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        trunc_normal_(self.router.gate.weight, std=std)
         self.experts.init_weights(std=std, out_std=out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std=std, out_std=out_std)

@@ -9,7 +9,9 @@ features of a single rotary key shared by all heads; the latent is normalized an
 (with YaRN) rotates the rope parts only.
 
 Heads are recovered with ``view(batch, seq, -1, ...)``, so a tensor-parallel plan that
-shards ``wq``/``wq_b``/``wkv_b`` column-wise and ``wo`` row-wise changes nothing here.
+shards ``wq``/``wq_b``/``wkv_b`` column-wise and ``wo`` row-wise changes nothing here;
+the latent projections and their norms stay replicated, and the rotary key, which every
+head uses, passes through ``rope_key`` (``HeadShared``) so that tp sums its gradient.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from plait.nn import RMSNorm, ScaledDotProductAttention, apply_rope
+from plait.nn import HeadShared, RMSNorm, ScaledDotProductAttention, apply_rope, trunc_normal_
 
 if TYPE_CHECKING:
     from plait_deepseek_v3.model import ModelArgs
@@ -48,6 +50,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(args.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
+        self.rope_key = HeadShared()  # tensor parallelism sums its gradient over the ranks' heads
         self.sdpa = ScaledDotProductAttention(scale=args.softmax_scale)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +67,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, apply_rope(q_rope, rope_cache)), dim=-1)
 
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_rope = apply_rope(k_rope.unsqueeze(2), rope_cache)  # one rotary key for all heads
+        k_rope = self.rope_key(apply_rope(k_rope.unsqueeze(2), rope_cache))  # one rotary key for all heads
         kv = self.wkv_b(self.kv_norm(latent)).view(batch, seq_len, -1, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)), dim=-1)
@@ -76,8 +79,8 @@ class MultiHeadLatentAttention(nn.Module):
         """Truncated normal projections; ``out_std`` for ``wo`` (depth-scaled by the caller)."""
         for linear in (self.wq, self.wq_a, self.wq_b, self.wkv_a, self.wkv_b):
             if linear is not None:
-                nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+                trunc_normal_(linear.weight, std=std)
+        trunc_normal_(self.wo.weight, std=out_std)
         for norm in (self.q_norm, self.kv_norm):
             if norm is not None:
                 norm.reset_parameters()

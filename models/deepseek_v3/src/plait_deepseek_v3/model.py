@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from plait.errors import ConfigError
-from plait.nn import FeedForward, MoE, MoEArgs, RMSNorm
+from plait.nn import FeedForward, MoE, MoEArgs, RMSNorm, trunc_normal_
 from plait_deepseek_v3.attention import MultiHeadLatentAttention
 from plait_deepseek_v3.rope import Yarn, rope_table
 
@@ -189,7 +189,7 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
         if self.output is not None:
             std = args.dim**-0.5
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            trunc_normal_(self.output.weight, std=std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens

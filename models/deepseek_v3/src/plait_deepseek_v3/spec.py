@@ -17,6 +17,14 @@ FLAVORS: dict[str, ModelArgs] = {
         q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         rope_factor=40.0, original_seq_len=4096, max_seq_len=4096,
     ),
+    # The same with the query's low-rank bottleneck (wq_a -> norm -> wq_b), as the 671B has.
+    "debugmodel_q_lora": ModelArgs(
+        dim=256, n_layers=4, n_dense_layers=1, n_heads=8, vocab_size=2048, inter_dim=768,
+        moe=MoEArgs(num_experts=8, top_k=3, hidden_dim=256, num_shared_experts=1, score_func="sigmoid",
+                    num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0),
+        q_lora_rank=96, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        rope_factor=40.0, original_seq_len=4096, max_seq_len=4096,
+    ),
     # DeepSeek-V2-Lite dimensions (15.7B parameters, 2.4B active): softmax routing
     # without groups, unnormalized weights, plain query projection.
     "16B": ModelArgs(
@@ -30,8 +38,10 @@ FLAVORS: dict[str, ModelArgs] = {
     "671B": ModelArgs(),
 }  # fmt: skip
 
-#: Attention and the dense feed-forward. The latent projections (``wq_a``, ``wkv_a``) and
-#: their norms are not in it, nor are the experts (expert parallelism shards those).
+#: Heads and feed-forward features are split over the tp ranks: the latent projections
+#: (``wq_a``, ``wkv_a``) and their norms are replicated (every rank computes the latents in
+#: full), the rotary key all heads share has its gradient summed (``rope_key``), and the
+#: MoE blocks split every expert's hidden features (the tp plugin's "moe" style).
 TP_PLAN = TPPlan(
     styles={
         "tok_embeddings": "embedding",
@@ -41,15 +51,21 @@ TP_PLAN = TPPlan(
         "layers.*.attention": "prepare_input",
         "layers.*.attention.wq": "colwise",
         "layers.*.attention.wq_b": "colwise",
+        "layers.*.attention.wq_a": "replicate",
+        "layers.*.attention.q_norm": "replicate",
+        "layers.*.attention.wkv_a": "replicate",
+        "layers.*.attention.kv_norm": "replicate",
         "layers.*.attention.wkv_b": "colwise",
+        "layers.*.attention.rope_key": "sum_gradient",
         "layers.*.attention.wo": "rowwise",
         "layers.*.ffn_norm": "sequence_parallel",
         "layers.*.feed_forward": "prepare_input",
         "layers.*.feed_forward.w1": "colwise",
         "layers.*.feed_forward.w3": "colwise",
         "layers.*.feed_forward.w2": "rowwise",
+        "layers.*.moe": "moe",
     },
-    divisible_by_tp=("n_heads", "inter_dim"),
+    divisible_by_tp=("n_heads", "inter_dim", "moe.hidden_dim"),
 )
 
 

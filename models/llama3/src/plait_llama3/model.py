@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from plait.errors import ConfigError
-from plait.nn import Attention, FeedForward, RMSNorm, RopeScaling, rope_cache, swiglu_hidden_dim
+from plait.nn import Attention, FeedForward, RMSNorm, RopeScaling, rope_cache, swiglu_hidden_dim, trunc_normal_
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -160,7 +160,7 @@ class Transformer(nn.Module):
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=head_std, a=-3 * head_std, b=3 * head_std)
+            trunc_normal_(self.output.weight, std=head_std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens

@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from plait.errors import ConfigError
-from plait.nn import FeedForward, MoE, MoEArgs, RMSNorm, ScaledDotProductAttention, apply_rope, rope_cache
+from plait.nn import (
+    FeedForward,
+    MoE,
+    MoEArgs,
+    RMSNorm,
+    ScaledDotProductAttention,
+    apply_rope,
+    rope_cache,
+    trunc_normal_,
+)
 
 AttentionMask = Literal["causal", "block_causal"]
 
@@ -121,8 +130,8 @@ class Attention(nn.Module):
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+            trunc_normal_(linear.weight, std=std)
+        trunc_normal_(self.wo.weight, std=out_std)
         self.q_norm.reset_parameters()
         self.k_norm.reset_parameters()
 
@@ -200,7 +209,7 @@ class Transformer(nn.Module):
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=head_std, a=-3 * head_std, b=3 * head_std)
+            trunc_normal_(self.output.weight, std=head_std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import plait
-from plait.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,19 +30,6 @@ def plait_register_models(register: Callable[[ModelSpec], None]) -> None:
 
 def _is_qwen3(model_spec: ModelSpec) -> bool:
     return model_spec.name == "qwen3"  # this package may be enabled next to another model
-
-
-@plait.hookimpl
-def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
-    if not _is_qwen3(model_spec) or parallel_dims.tp <= 1:
-        return
-    flavor = config.model.flavor
-    if model_spec.args_for(flavor).is_moe:
-        raise ConfigError(
-            f"qwen3/{flavor} is a mixture-of-experts model, which tensor parallelism does not support: its "
-            f"experts are sharded by expert parallelism instead. Use --parallelism.tp 1 (with "
-            f"--parallelism.ep and the ep plugin, and/or fsdp), or a dense flavor for tp"
-        )
 
 
 @plait.hookimpl

@@ -45,8 +45,8 @@ FLAVORS: dict[str, ModelArgs] = {
 }  # fmt: skip
 
 #: Dense blocks follow the Llama layout; the per-head q/k norms stay replicated with
-#: gradients summed over the tp ranks (see ``plait_qwen3.tensor_parallel``). MoE flavors
-#: are refused under tp by the plugin's validation: their experts are for ep.
+#: gradients summed over the tp ranks (see ``plait_qwen3.tensor_parallel``). MoE blocks
+#: split every expert's hidden features over the tp ranks (the tp plugin's "moe" style).
 TP_PLAN = TPPlan(
     styles={
         "tok_embeddings": "embedding",
@@ -63,8 +63,9 @@ TP_PLAN = TPPlan(
         "layers.*.feed_forward.w1": "colwise",
         "layers.*.feed_forward.w3": "colwise",
         "layers.*.feed_forward.w2": "rowwise",
+        "layers.*.moe": "moe",
     },
-    divisible_by_tp=("n_heads", "kv_heads", "ffn_dim"),
+    divisible_by_tp=("n_heads", "kv_heads", "ffn_dim", "moe.hidden_dim"),
 )
 
 

@@ -18,8 +18,13 @@ combine undoes 4, then 3 (the reverse all-to-all), then 1, and sums every token'
 expert outputs with its routing weights — the same arithmetic as the local dispatcher.
 The routing itself (router, scores, top-k) stays on each rank, for its own tokens.
 
-On fake tensors (``plait plan``) the counts have no values; the dispatcher then assumes
-the perfectly balanced exchange, so the plan measures a balanced step.
+The exchanges (2 and 3 with 4; 4 and 3 of combine) are the opaque operators of
+``plait_ep.exchange``, so that blocks compile with ``fullgraph=True``: the number of rows a
+rank receives is data-dependent, an unbacked size in the traced graph.
+
+On fake tensors outside a compiled region (``plait plan``) the counts have no values; the
+dispatcher then assumes the perfectly balanced exchange, so the plan measures a balanced
+step.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from plait.nn.moe import DispatchedTokens, Routing, TokenDispatcher
+from plait_ep import exchange
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -39,12 +45,18 @@ class _Exchange:
 
     order: torch.Tensor
     """Pair indices (``token * top_k + k``) sorted by expert: the rows as sent."""
-    send_splits: list[int]
-    """Rows sent to each rank."""
-    receive_splits: list[int]
-    """Rows received from each rank."""
-    regroup: torch.Tensor
-    """Received row indices sorted by local expert: the rows as the experts see them."""
+    sent_counts: torch.Tensor
+    """``[ranks, local experts]`` rows sent to each expert of each rank."""
+    received_counts: torch.Tensor
+    """``[ranks, local experts]`` rows received from each rank for each local expert."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class _BalancedExchange:
+    """``combine``'s state on fake tensors (``plait plan``): even splits, no regrouping."""
+
+    order: torch.Tensor
+    splits: list[int]
 
 
 def _wait(tensor: torch.Tensor) -> torch.Tensor:
@@ -58,10 +70,9 @@ class AllToAllTokenDispatcher(TokenDispatcher):
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
-
-    @property
-    def ranks(self) -> int:
-        return dist.get_world_size(self.group)
+        # Plain values, read once: a compiled block reads them as constants.
+        self.group_name = group.group_name
+        self.ranks = dist.get_world_size(group)
 
     def dispatch(self, tokens: torch.Tensor, routing: Routing) -> DispatchedTokens:
         ranks = self.ranks
@@ -71,21 +82,16 @@ class AllToAllTokenDispatcher(TokenDispatcher):
         local_experts = num_experts // ranks
         order = routing.experts.reshape(-1).argsort(stable=True)
         rows = tokens[order // routing.experts.shape[1]]  # one row per (token, expert) pair, by expert
-        if isinstance(tokens, FakeTensor):
+        if not torch.compiler.is_compiling() and isinstance(tokens, FakeTensor):
             return self._dispatch_balanced(rows, routing, order)
 
         sent_counts = routing.tokens_per_expert.view(ranks, local_experts)
-        received_counts = torch.empty_like(sent_counts)  # [source rank, local expert]
-        dist.all_to_all_single(received_counts, sent_counts, group=self.group)
-        send_splits, receive_splits = sent_counts.sum(dim=1).tolist(), received_counts.sum(dim=1).tolist()
-        received = _wait(all_to_all_single_autograd(rows, receive_splits, send_splits, self.group))
-
-        local_ids = torch.arange(local_experts, device=tokens.device).repeat(ranks)
-        regroup = local_ids.repeat_interleave(received_counts.reshape(-1)).argsort(stable=True)
+        received_counts = exchange.exchange_counts(sent_counts, self.group_name)  # [source rank, local expert]
+        received = exchange.send_rows(rows, sent_counts, received_counts, self.group_name, None)
         return DispatchedTokens(
-            tokens=received[regroup],
+            tokens=received,
             tokens_per_expert=received_counts.sum(dim=0),
-            state=_Exchange(order=order, send_splits=send_splits, receive_splits=receive_splits, regroup=regroup),
+            state=_Exchange(order=order, sent_counts=sent_counts, received_counts=received_counts),
         )
 
     def _dispatch_balanced(self, rows: torch.Tensor, routing: Routing, order: torch.Tensor) -> DispatchedTokens:
@@ -98,17 +104,18 @@ class AllToAllTokenDispatcher(TokenDispatcher):
         return DispatchedTokens(
             tokens=received,
             tokens_per_expert=routing.tokens_per_expert.view(self.ranks, local_experts).sum(dim=0),
-            state=_Exchange(order=order, send_splits=splits, receive_splits=splits,
-                            regroup=torch.arange(pairs, device=rows.device)),
+            state=_BalancedExchange(order=order, splits=splits),
         )
 
     def combine(self, expert_outputs: torch.Tensor, dispatched: DispatchedTokens, routing: Routing) -> torch.Tensor:
-        exchange: _Exchange = dispatched.state
+        state = dispatched.state
         tokens, top_k = routing.experts.shape
-        by_source = torch.empty_like(expert_outputs).index_copy(0, exchange.regroup, expert_outputs)
-        returned = _wait(
-            all_to_all_single_autograd(by_source, exchange.send_splits, exchange.receive_splits, self.group)
-        )
-        per_pair = torch.empty_like(returned).index_copy(0, exchange.order, returned)
+        if isinstance(state, _BalancedExchange):
+            returned = _wait(all_to_all_single_autograd(expert_outputs, state.splits, state.splits, self.group))
+        else:
+            returned = exchange.return_rows(
+                expert_outputs, state.sent_counts, state.received_counts, self.group_name, state.order.shape[0]
+            )
+        per_pair = torch.empty_like(returned).index_copy(0, state.order, returned)
         weights = routing.weights.to(expert_outputs.dtype).unsqueeze(-1)
         return (per_pair.view(tokens, top_k, -1) * weights).sum(dim=1)

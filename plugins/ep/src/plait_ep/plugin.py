@@ -35,16 +35,16 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"--parallelism.ep {ep}: model {model_spec.name!r} declares no expert modules (it is a dense "
             "model), so there is nothing to shard over ep; use --parallelism.ep 1 or a mixture-of-experts model"
         )
-    if parallel_dims.tp_enabled:
+    checkpointing = config.activation_checkpoint
+    if checkpointing.mode == "selective" and not checkpointing.selective_option.isdigit():
+        # Measured on gloo: the recompute finds FSDP's record_function ops at other indices
+        # (with those ignored, the cached outputs misalign and shapes mismatch).
         raise ConfigError(
-            f"--parallelism.ep {ep} with --parallelism.tp {parallel_dims.tp}: the ep plugin does not shard "
-            "experts over tensor-parallel ranks yet; use --parallelism.tp 1 (ep borrows dp_shard × cp ranks)"
-        )
-    if config.compile.enable:
-        raise ConfigError(
-            f"--parallelism.ep {ep} with --compile.enable: the all-to-all dispatch sizes its exchange from "
-            "the routing (data-dependent), which compiled blocks (fullgraph) cannot trace yet; "
-            "drop --compile.enable"
+            f"--parallelism.ep {ep} with --activation_checkpoint.mode selective (per-op): the expert "
+            "slices are FSDP units of their own inside each MoE block, and their hooks run other ops "
+            "in the recompute than in the forward, which per-op checkpointing cannot replay; use "
+            "--activation_checkpoint.mode full, or selective with a block interval "
+            "(--activation_checkpoint.selective_option 2)"
         )
     counts = _expert_counts(model_spec, config.model.flavor)
     if not counts:
@@ -85,6 +85,10 @@ def plait_apply_expert_parallel(
     mesh = parallel_dims.get_mesh("ep")
     for _, module in expert_modules(model, model_spec.expert_modules):
         shard_experts(module, mesh)
+    if config.compile.enable:
+        from plait_ep.exchange import allow_compiled_exchange
+
+        allow_compiled_exchange()
 
 
 @hookimpl

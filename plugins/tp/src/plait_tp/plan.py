@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
+from plait.errors import ConfigError
+from plait.model_spec import TPStyle
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
@@ -24,18 +26,16 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from plait.errors import ConfigError
-
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-    from plait.model_spec import TPStyle
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class StyleOptions:
     sequence_parallel: bool = True
     loss_parallel: bool = True
+    expert_parallel: bool = False
+    """The ep plugin holds the experts: MoE layers split their tokens, not the experts, over tp."""
 
 
 class ReplicatedParameters(ParallelStyle):
@@ -69,6 +69,52 @@ def _inputs_as_replicated(module: nn.Module, inputs: tuple[Any, ...], device_mes
 
 def _outputs_as_local(module: nn.Module, outputs: Any, device_mesh: DeviceMesh) -> Any:
     return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+
+class EmbeddingParallel(RowwiseParallel):
+    """Vocabulary-parallel embedding whose output collective completes before the
+    output leaves the module. torch's row-wise style leaves it in flight (an
+    ``AsyncCollectiveTensor``); handed as is to a compiled block, its backward reached
+    the collective without the DTensor wrapper and failed (torch 2.13, CPU/gloo)."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):  # noqa: ANN001, ANN205
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts)
+        return outputs.to_local() if use_local_output else outputs
+
+
+class MixtureOfExpertsParallel(ParallelStyle):
+    """A ``plait.nn.MoE`` layer with its experts' hidden features sharded (see ``plait_tp.moe``)."""
+
+    def __init__(self, *, sequence_parallel: bool, expert_parallel: bool) -> None:
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.expert_parallel = expert_parallel
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from plait_tp.moe import parallelize_moe
+
+        parallelize_moe(
+            module, device_mesh, sequence_parallel=self.sequence_parallel, expert_parallel=self.expert_parallel
+        )
+        return module
+
+
+class SumInputGradient(ParallelStyle):
+    """Leaves the module's first input unchanged and sums its gradient over the tp ranks:
+    for a tensor every rank computes in full but uses only for its own heads (the
+    rotary key that multi-head latent attention shares among all heads)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from plait_tp.moe import sum_gradient
+
+        def summed(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+            x, *rest = inputs
+            return (sum_gradient(x, device_mesh), *rest)
+
+        module.register_forward_pre_hook(summed)
+        return module
 
 
 def pattern_matches(pattern: str, path: str) -> bool:
@@ -105,7 +151,7 @@ def build_style(style: TPStyle, options: StyleOptions) -> ParallelStyle | None:
     if style == "rowwise":
         return RowwiseParallel(output_layouts=between_blocks)
     if style == "embedding":
-        return RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks)
+        return EmbeddingParallel(input_layouts=Replicate(), output_layouts=between_blocks)
     if style == "output":
         return ColwiseParallel(
             input_layouts=between_blocks,
@@ -114,6 +160,12 @@ def build_style(style: TPStyle, options: StyleOptions) -> ParallelStyle | None:
         )
     if style == "sequence_parallel":
         return SequenceParallel() if sp else ReplicatedParameters()
+    if style == "replicate":
+        return ReplicatedParameters()
+    if style == "moe":
+        return MixtureOfExpertsParallel(sequence_parallel=sp, expert_parallel=options.expert_parallel)
+    if style == "sum_gradient":
+        return SumInputGradient()
     if style == "prepare_input":
         # Only the first positional input is redistributed; keyword inputs (the RoPE
         # cache) are left alone. Without SP the input is already replicated.
@@ -121,8 +173,8 @@ def build_style(style: TPStyle, options: StyleOptions) -> ParallelStyle | None:
             return None
         return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     raise ConfigError(
-        f"unknown tensor-parallel style {style!r} in the model's tp_plan; use one of: colwise, "
-        "rowwise, embedding, output, sequence_parallel, prepare_input"
+        f"unknown tensor-parallel style {style!r} in the model's tp_plan; use one of: "
+        + ", ".join(get_args(TPStyle))
     )
 
 

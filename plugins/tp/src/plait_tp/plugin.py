@@ -51,10 +51,20 @@ def _valid_degrees(values: dict[str, int]) -> list[int]:
     return [d for d in range(1, max(values.values()) + 1) if all(v % d == 0 for v in values.values())]
 
 
+def _attribute(args: Any, dotted_name: str) -> Any:
+    """``args.moe.hidden_dim`` for ``"moe.hidden_dim"``; None where a part is None (a dense flavor)."""
+    value = args
+    for part in dotted_name.split("."):
+        if value is None:
+            return None
+        value = getattr(value, part)
+    return value
+
+
 def check_divisibility(tp: int, model_spec: ModelSpec, args: Any, flavor: str) -> None:
     plan = model_spec.tp_plan
     assert plan is not None
-    values = {name: int(getattr(args, name)) for name in plan.divisible_by_tp}
+    values = {name: int(value) for name in plan.divisible_by_tp if (value := _attribute(args, name)) is not None}
     for name, value in values.items():
         if value % tp:
             valid = ", ".join(str(d) for d in _valid_degrees(values))
@@ -120,7 +130,11 @@ def plait_apply_tensor_parallel(
         model,
         tp_mesh,
         model_spec.tp_plan.styles,
-        StyleOptions(sequence_parallel=options.sequence_parallel, loss_parallel=options.loss_parallel),
+        StyleOptions(
+            sequence_parallel=options.sequence_parallel,
+            loss_parallel=options.loss_parallel,
+            expert_parallel=parallel_dims.ep_enabled,
+        ),
     )
     if options.async_tp:
         _enable_async_tp()
