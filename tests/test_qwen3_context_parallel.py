@@ -11,9 +11,9 @@ token alone, so they need nothing from the other cp rank.
   cp ranks of a group split them; FSDP shards the parameters over dp_shard × cp.
 - qwen3-MoE, cp 2 × ep 2 (2 gloo ranks): expert parallelism borrows the cp ranks, so each
   rank holds 4 of the 8 experts and the all-to-all exchanges the tokens of the two
-  halves of every sequence. Without the balance loss: each cp rank would take it over
-  its half sequences (a product of per-expert means, not the full sequence's; 1.2e-4 off
-  in the loss after 5 steps).
+  halves of every sequence. The sequence-wise balance loss sums its token counts and
+  score sums over the cp ranks (taken over each rank's half sequences instead, the loss
+  was 1.2e-4 off after 5 steps).
 
 Losses and gradient norms must match a single process on the whole batch within 1e-5.
 """
@@ -60,7 +60,7 @@ def test_qwen3_under_context_parallel_matches_one_process(tmp_path, reference, r
     assert loss_diff < TOLERANCE and norm_diff < TOLERANCE, (loss_diff, norm_diff, run, reference)
 
 
-MOE = ["--moe.aux_loss_coeff", "0"]
+MOE = ["--moe.aux_loss_coeff", "0.01", "--moe.aux_loss_type", "sequence"]  # large enough to matter
 
 
 def test_qwen3_moe_under_context_and_expert_parallel_matches_one_process(tmp_path):

@@ -137,9 +137,11 @@ def build_model_parts(
     parts = pipeline.model_parts if pipeline is not None else [model]
     common = dict(config=config, parallel_dims=pd, model_spec=spec)
     dispatcher = hook.plait_token_dispatcher(config=config, parallel_dims=pd)
+    cp_mesh = pd.get_optional_mesh("cp")
     for part in parts:
         configure_moe_layers(part, aux_loss_coeff=config.moe.aux_loss_coeff, aux_loss_type=config.moe.aux_loss_type,
-                             grad_accumulation_steps=grad_accumulation_steps, dispatcher=dispatcher)
+                             grad_accumulation_steps=grad_accumulation_steps, dispatcher=dispatcher,
+                             sequence_group=None if cp_mesh is None else cp_mesh.get_group())
         hook.plait_apply_tensor_parallel(model=part, **common)
         hook.plait_apply_expert_parallel(model=part, **common)
         hook.plait_apply_context_parallel(model=part, **common)

@@ -429,7 +429,7 @@ class GroupedExperts(nn.Module):
 # --------------------------------------------------------------------------- balance loss
 
 
-def load_balance_loss(routing: Routing, *, sequences: int | None = None) -> torch.Tensor:
+def load_balance_loss(routing: Routing, *, sequences: int | None = None, sequence_group: Any = None) -> torch.Tensor:
     """DeepSeek-V3's balance loss without its coefficient: ``sum_i f_i * P_i``, where
     ``f_i = N / (K * T) * (tokens that chose expert i)`` and ``P_i`` is the mean over the
     tokens of expert i's score normalized over all experts. It is 1 when every expert
@@ -437,6 +437,9 @@ def load_balance_loss(routing: Routing, *, sequences: int | None = None) -> torc
 
     ``sequences``: the tokens are that many equal-length sequences and the loss is taken
     per sequence, then averaged (sequence-wise); None takes it over all tokens (batch-wise).
+    ``sequence_group``: the ranks that hold the other parts of these sequences (context
+    parallelism); the token counts and score sums are summed over them, so every rank
+    gets the loss of the whole sequences.
     """
     scores = routing.scores
     tokens, num_experts = scores.shape
@@ -447,8 +450,36 @@ def load_balance_loss(routing: Routing, *, sequences: int | None = None) -> torc
     counts = torch.zeros(groups, num_experts, device=scores.device).scatter_add_(
         1, chosen, torch.ones_like(chosen, dtype=torch.float32)
     )
-    fraction = counts * num_experts / (top_k * probabilities.shape[1])
-    return (fraction * probabilities.mean(dim=1)).sum(dim=-1).mean()
+    probability_sums = probabilities.sum(dim=1)
+    tokens_per_group = probabilities.shape[1]
+    if sequence_group is not None:
+        counts = _SumOverRanks.apply(counts, sequence_group)
+        probability_sums = _SumOverRanks.apply(probability_sums, sequence_group)
+        tokens_per_group *= torch.distributed.get_world_size(sequence_group)
+    fraction = counts * num_experts / (top_k * tokens_per_group)
+    return (fraction * probability_sums / tokens_per_group).sum(dim=-1).mean()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum over the ranks of ``group``, in the forward and in the backward. Every rank
+    then computes the same loss from the sums; the backward's sum makes each rank's
+    gradient that of the whole loss, as the data-parallel mean over these ranks expects
+    (it divides by them, as for a loss each rank takes over its own tokens)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _all_reduce_sum(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce_sum(grad.contiguous(), ctx.group), None
+
+
+def _all_reduce_sum(x: torch.Tensor, group: Any) -> torch.Tensor:
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
 
 
 class _AddLossGradient(torch.autograd.Function):
@@ -525,7 +556,8 @@ class MoE(nn.Module):
 
     Training-time settings (plain attributes; ``configure_moe_layers`` sets them from
     the job config): ``dispatcher``, ``aux_loss_weight`` (the gradient weight of the
-    auxiliary balance loss; 0 = off) and ``aux_loss_type``; the tp plugin sets
+    auxiliary balance loss; 0 = off), ``aux_loss_type`` and ``sequence_group`` (the
+    context-parallel ranks holding the rest of each sequence); the tp plugin sets
     ``tensor_parallel`` when it shards the experts' hidden features.
 
     Buffers: ``expert_bias`` (checkpointed; shifts the expert choice, moved between
@@ -551,6 +583,7 @@ class MoE(nn.Module):
         self.tensor_parallel: MoETensorParallel | None = None
         self.aux_loss_weight = 0.0
         self.aux_loss_type: AuxLossType = "sequence"
+        self.sequence_group: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, dim = x.shape
@@ -581,7 +614,7 @@ class MoE(nn.Module):
                 self.tokens_per_expert.add_(routing.tokens_per_expert)
             if self.aux_loss_weight > 0:
                 sequences = batch if self.aux_loss_type == "sequence" else None
-                aux_loss = load_balance_loss(routing, sequences=sequences)
+                aux_loss = load_balance_loss(routing, sequences=sequences, sequence_group=self.sequence_group)
                 with torch.no_grad():
                     self.aux_loss_total.add_(torch.stack([aux_loss.detach(), torch.ones_like(aux_loss)]))
                 out = _AddLossGradient.apply(out, aux_loss * self.aux_loss_weight)
@@ -619,17 +652,20 @@ def configure_moe_layers(
     aux_loss_type: AuxLossType = "sequence",
     grad_accumulation_steps: int = 1,
     dispatcher: TokenDispatcher | None = None,
+    sequence_group: Any = None,
 ) -> int:
     """Apply a run's MoE settings to every MoE layer of ``model``; returns how many there are.
 
     The balance loss of each micro-batch gets the weight ``aux_loss_coeff /
     grad_accumulation_steps``, like the micro-batch's share of the training loss.
-    ``dispatcher`` None keeps the local dispatcher.
+    ``dispatcher`` None keeps the local dispatcher. ``sequence_group``: the ranks that
+    share each sequence (context parallelism), for the balance loss; None without.
     """
     layers = moe_layers([model])
     for _, layer in layers:
         layer.aux_loss_weight = aux_loss_coeff / grad_accumulation_steps
         layer.aux_loss_type = aux_loss_type
+        layer.sequence_group = sequence_group
         if dispatcher is not None:
             layer.dispatcher = dispatcher
     return len(layers)
