@@ -416,3 +416,21 @@ def test_moe_block_under_activation_checkpointing_finds_grouped_mm_inside_the_ch
     checkpoint_wrapper(layer, preserve_rng_state=False)(x).sum().backward()
     assert moe._GROUPED_MM_SUPPORT  # the trial ran, inside the checkpoint
     assert x.grad is not None and layer.router.gate.weight.grad is not None
+
+
+def test_gate_in_float32_ignores_the_compute_dtype() -> None:
+    """Under bf16 autocast the gate's logits come out of a float32 matmul with
+    ``gate_in_float32`` (DeepSeek-V3, as the HF model does) and of a bf16 one without."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    args = MoEArgs(num_experts=8, top_k=2, hidden_dim=16, score_func="sigmoid")
+    router = TopKRouter(dim=64, args=dataclasses.replace(args, gate_in_float32=True))
+    tokens = torch.randn(32, 64)
+    exact = (tokens @ router.gate.weight.T).sigmoid()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_float32 = router(tokens).scores
+        router.args = args
+        in_bf16 = router(tokens).scores
+    assert torch.allclose(in_float32, exact, atol=1e-6)
+    assert not torch.allclose(in_bf16, exact, atol=1e-4)

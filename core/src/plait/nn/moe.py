@@ -24,6 +24,7 @@ balance loss (``load_balance_loss``) can be added to the training loss as well.
 from __future__ import annotations
 
 import abc
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
@@ -61,6 +62,9 @@ class MoEArgs:
     """Divide each token's top-k weights by their sum."""
     route_scale: float = 1.0
     """Multiplies the routing weights (DeepSeek's routed scaling factor)."""
+    gate_in_float32: bool = False
+    """Compute the gate's logits in float32 whatever the compute dtype (DeepSeek-V3 does);
+    else in the compute dtype (bf16 under mixed precision), as Qwen3-MoE does."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.hidden_dim < 1:
@@ -139,13 +143,20 @@ def _keep_best_groups(choice: torch.Tensor, args: MoEArgs) -> torch.Tensor:
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(tokens, args.num_experts)
 
 
+def _autocast_off(device_type: str) -> Any:
+    if device_type == "meta":  # shape tracing: autocast has no meta backend
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class TopKRouter(nn.Module):
     """Scores the experts for each token and picks ``top_k`` of them.
 
     The bias (if given) shifts the scores for the choice only; the weights are the
     unbiased scores of the chosen experts, optionally normalized to sum to one, times
-    ``route_scale``. Scores are computed in float32. Under tensor parallelism the gate
-    weight is a replicated DTensor; the router computes with its local copy.
+    ``route_scale``. Scores are computed in float32 (the logits too with
+    ``gate_in_float32``). Under tensor parallelism the gate weight is a replicated
+    DTensor; the router computes with its local copy.
     """
 
     def __init__(self, *, dim: int, args: MoEArgs) -> None:
@@ -155,7 +166,12 @@ class TopKRouter(nn.Module):
 
     def forward(self, tokens: torch.Tensor, expert_bias: torch.Tensor | None = None) -> Routing:
         args = self.args
-        logits = F.linear(tokens, _local(self.gate.weight)).float()
+        weight = _local(self.gate.weight)
+        if args.gate_in_float32:
+            with _autocast_off(tokens.device.type):
+                logits = F.linear(tokens.float(), weight.float())
+        else:
+            logits = F.linear(tokens, weight).float()
         scores = logits.softmax(dim=-1) if args.score_func == "softmax" else logits.sigmoid()
         choice = scores if expert_bias is None else scores + expert_bias.float()
         if args.group_limited:

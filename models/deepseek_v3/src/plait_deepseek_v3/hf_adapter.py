@@ -231,6 +231,7 @@ def _moe_args(hf_config: dict[str, Any]) -> MoEArgs:
         topk_groups=int(hf_config.get("topk_group") or 1),
         normalize_weights=bool(hf_config.get("norm_topk_prob", True)),
         route_scale=float(hf_config.get("routed_scaling_factor", 1.0)),
+        gate_in_float32=True,  # the HF router computes its logits in float32
     )
 
 

@@ -35,7 +35,7 @@ class ModelArgs:
     """Width of the dense SwiGLU of the first ``n_dense_layers`` blocks."""
     moe: MoEArgs = MoEArgs(
         num_experts=256, top_k=8, hidden_dim=2048, num_shared_experts=1, score_func="sigmoid",
-        num_groups=8, topk_groups=4, normalize_weights=True, route_scale=2.5,
+        num_groups=8, topk_groups=4, normalize_weights=True, route_scale=2.5, gate_in_float32=True,
     )  # fmt: skip
     """The experts of the other blocks (``hidden_dim`` is DeepSeek's ``moe_inter_dim``)."""
     q_lora_rank: int = 1536

@@ -13,7 +13,7 @@ FLAVORS: dict[str, ModelArgs] = {
     "debugmodel": ModelArgs(
         dim=256, n_layers=4, n_dense_layers=1, n_heads=8, vocab_size=2048, inter_dim=768,
         moe=MoEArgs(num_experts=8, top_k=3, hidden_dim=256, num_shared_experts=1, score_func="sigmoid",
-                    num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0),
+                    num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0, gate_in_float32=True),
         q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         rope_factor=40.0, original_seq_len=4096, max_seq_len=4096,
     ),
@@ -21,7 +21,7 @@ FLAVORS: dict[str, ModelArgs] = {
     "debugmodel_q_lora": ModelArgs(
         dim=256, n_layers=4, n_dense_layers=1, n_heads=8, vocab_size=2048, inter_dim=768,
         moe=MoEArgs(num_experts=8, top_k=3, hidden_dim=256, num_shared_experts=1, score_func="sigmoid",
-                    num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0),
+                    num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0, gate_in_float32=True),
         q_lora_rank=96, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         rope_factor=40.0, original_seq_len=4096, max_seq_len=4096,
     ),
@@ -30,7 +30,7 @@ FLAVORS: dict[str, ModelArgs] = {
     "16B": ModelArgs(
         dim=2048, n_layers=27, n_dense_layers=1, n_heads=16, vocab_size=102400, inter_dim=10944,
         moe=MoEArgs(num_experts=64, top_k=6, hidden_dim=1408, num_shared_experts=2, score_func="softmax",
-                    normalize_weights=False, route_scale=1.0),
+                    normalize_weights=False, route_scale=1.0, gate_in_float32=True),
         q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         rope_factor=40.0, original_seq_len=4096, mscale=0.707, max_seq_len=4096,
     ),
