@@ -5,10 +5,12 @@ block by block over ``model.<block_container>``.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, _CachedTorchDispatchMode, _CachingTorchDispatchMode
 
 from plait.config import ActivationCheckpointSection, CompileSection
 
@@ -29,11 +31,29 @@ def blocks_of(model: nn.Module, container: str) -> nn.Module | None:
     return getattr(model, container, None)
 
 
-def _selective_op_context():
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return create_selective_checkpoint_contexts(policy)
+
+class _ReplaySavedOps(_CachedTorchDispatchMode):
+    """The recompute side of selective checkpointing, strict only about the saved ops.
+
+    torch's replays every operator by its position in the forward and fails when the
+    recompute calls one more often. Hooks inside a block may legitimately do so: an
+    FSDP unit inside the block (the experts under expert parallelism) gathers its
+    parameters again in the recompute. Operators that are recomputed anyway simply run;
+    the saved ones (matmuls, attention) are still taken from the forward, by position.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in _SAVE_OPS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _selective_op_context():
+    storage: defaultdict = defaultdict(dict)  # what create_selective_checkpoint_contexts builds
+    return _CachingTorchDispatchMode(_policy, storage), _ReplaySavedOps(_policy, storage)
 
 
 def apply_activation_checkpointing(model: nn.Module, section: ActivationCheckpointSection, container: str) -> None:

@@ -90,3 +90,18 @@ def test_ep2_checkpoint_resumes_in_a_single_process(ep2_run, reference):
     for step in (5, STEPS):
         assert abs(resumed.losses[step] - sharded["losses"][step]) < TOLERANCE
         assert abs(resumed.losses[step] - reference["losses"][step]) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "compiled", [pytest.param([], id="eager"), pytest.param(["--compile.enable", "True"], id="compiled")]
+)
+def test_ep2_with_selective_op_checkpointing_matches_single_process(tmp_path, reference, compiled):
+    """The expert slices' FSDP unit gathers its parameters again inside the recompute:
+    per-op selective checkpointing replays only the saved operators by position."""
+    argv = job(tmp_path, "--plugins", "ep,fsdp", "--parallelism.dp_shard", "2", "--parallelism.ep", "2",
+               "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_option", "op",
+               "--checkpoint.enable", "False", "--job.pg_timeout_seconds", "180", *compiled,
+               local_batch_size=GLOBAL_BATCH // 2)
+    run = run_ranks(2, argv, tmp_path / "result.json")
+    loss_diff, norm_diff = max_differences(run, reference)
+    assert loss_diff < TOLERANCE and norm_diff < TOLERANCE, (loss_diff, norm_diff, run, reference)

@@ -32,12 +32,6 @@ def validate(world_size: int, *argv: str) -> None:
             r"qwen3/debugmodel has no expert modules \(a dense flavor.*--model.flavor",
             id="dense-flavor",
         ),
-        pytest.param(
-            2, ["--parallelism.ep", "2", "--parallelism.dp_shard", "2", "--activation_checkpoint.mode", "selective",
-                "--activation_checkpoint.selective_option", "op"],
-            r"per-op checkpointing cannot replay; use --activation_checkpoint.mode full",
-            id="selective-op-checkpointing",
-        ),
     ],
 )
 def test_unsupported_configurations_are_refused(world_size, argv, message):

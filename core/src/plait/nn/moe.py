@@ -376,9 +376,17 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def _try_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    # The first call may come inside a checkpointed forward: identity hooks keep the
-    # trial's saved tensors out of the checkpoint's count (which the recompute must match).
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    # The first call may come inside a checkpointed forward, which the recompute must
+    # replay exactly: identity hooks keep the trial's saved tensors out of the
+    # checkpoint's count, and with the dispatch modes off selective checkpointing does
+    # not record (and later expect) the trial's operators.
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with (
+        _disable_current_modes(),
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+    ):
         try:
             rows = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
             weight = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)

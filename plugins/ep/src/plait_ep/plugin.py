@@ -35,17 +35,6 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"--parallelism.ep {ep}: model {model_spec.name!r} declares no expert modules (it is a dense "
             "model), so there is nothing to shard over ep; use --parallelism.ep 1 or a mixture-of-experts model"
         )
-    checkpointing = config.activation_checkpoint
-    if checkpointing.mode == "selective" and not checkpointing.selective_option.isdigit():
-        # Measured on gloo: the recompute finds FSDP's record_function ops at other indices
-        # (with those ignored, the cached outputs misalign and shapes mismatch).
-        raise ConfigError(
-            f"--parallelism.ep {ep} with --activation_checkpoint.mode selective (per-op): the expert "
-            "slices are FSDP units of their own inside each MoE block, and their hooks run other ops "
-            "in the recompute than in the forward, which per-op checkpointing cannot replay; use "
-            "--activation_checkpoint.mode full, or selective with a block interval "
-            "(--activation_checkpoint.selective_option 2)"
-        )
     counts = _expert_counts(model_spec, config.model.flavor)
     if not counts:
         raise ConfigError(
