@@ -43,3 +43,16 @@ def test_weight_decay_only_on_matrices():
     opt = build_optimizer(OptimizerSection(weight_decay=0.1), [model])
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model[0].weight)}
+
+
+def test_fused_is_the_default_and_falls_back_to_foreach_where_torch_has_no_kernel(caplog):
+    fused = build_optimizer(OptimizerSection(), [torch.nn.Linear(4, 4)])
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+
+    complex_model = torch.nn.Linear(4, 4, bias=False, dtype=torch.complex64)
+    with caplog.at_level("INFO", logger="plait"):
+        fallback = build_optimizer(OptimizerSection(), [complex_model])
+    assert not fallback.defaults["fused"] and fallback.defaults["foreach"]
+    assert "no fused AdamW for torch.complex64 parameters on cpu; using foreach" in caplog.text
+    complex_model(torch.randn(2, 4, dtype=torch.complex64)).abs().sum().backward()
+    fallback.step()  # runs
