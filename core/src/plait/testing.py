@@ -3,16 +3,19 @@
 ``run_ranks(world_size, argv, out)`` runs ``plait train ARGV`` as ``world_size`` real
 gloo ranks (one subprocess each, torchrun's environment, one thread per rank) and
 returns rank 0's losses and gradient norms by step. ``python -m plait.testing OUT ARGV``
-is the per-rank entry point it launches.
+is the per-rank entry point it launches. ``losses_resumed_in_parallel`` compares one
+process with a layout that resumes its first checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 def free_port() -> int:
@@ -48,6 +51,24 @@ def run_ranks(world_size: int, argv: list[str], out: Path, *, timeout: float = 2
             raise AssertionError(f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}")
     raw = json.loads(Path(out).read_text())
     return {key: {int(step): value for step, value in raw[key].items()} for key in ("losses", "grad_norms")}
+
+
+def losses_resumed_in_parallel(
+    folder: Path, argv_for: Callable[[Path], list[str]], parallel: list[str], *, ranks: int
+) -> tuple[dict[int, float], dict[int, float]]:
+    """One process's losses and those of the same job resumed over ``ranks`` gloo ranks.
+
+    ``argv_for(dump_folder)`` is the job; it must checkpoint every step. It trains once
+    in this process, then its step-1 checkpoint is resumed with ``parallel`` options
+    added, so both runs start step 2 from the same weights whatever initialization does
+    under the layout. Returns (single-process losses, parallel losses from step 2 on).
+    """
+    from plait.cli import train
+
+    single = train(argv_for(folder / "single")).losses
+    shutil.copytree(folder / "single" / "checkpoint" / "step-1", folder / "parallel" / "checkpoint" / "step-1")
+    parallel_losses = run_ranks(ranks, [*argv_for(folder / "parallel"), *parallel], folder / "losses.json")["losses"]
+    return single, parallel_losses
 
 
 def _rank_main() -> None:

@@ -2,29 +2,27 @@
 points, expert modules."""
 from __future__ import annotations
 
+import dataclasses
+
 from plait.model_spec import ModelSpec, TPPlan, even_split_points
 from plait.nn import MoEArgs
 from plait_deepseek_v3.hf_adapter import DeepSeekV3HFAdapter
 from plait_deepseek_v3.model import ModelArgs, Transformer, count_parameters
 
+# The embedded tokenizer's vocabulary (2048 tokens); one dense block, then MoE blocks
+# whose 8 experts form 4 groups of which each token may use 2 (group-limited routing).
+_DEBUG = ModelArgs(
+    dim=256, n_layers=4, n_dense_layers=1, n_heads=8, vocab_size=2048, inter_dim=768,
+    moe=MoEArgs(num_experts=8, top_k=3, hidden_dim=256, num_shared_experts=1, score_func="sigmoid",
+                num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0, gate_in_float32=True),
+    q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    rope_factor=40.0, original_seq_len=4096, max_seq_len=4096,
+)  # fmt: skip
+
 FLAVORS: dict[str, ModelArgs] = {
-    # The embedded tokenizer's vocabulary (2048 tokens); one dense block, then MoE blocks
-    # whose 8 experts form 4 groups of which each token may use 2 (group-limited routing).
-    "debugmodel": ModelArgs(
-        dim=256, n_layers=4, n_dense_layers=1, n_heads=8, vocab_size=2048, inter_dim=768,
-        moe=MoEArgs(num_experts=8, top_k=3, hidden_dim=256, num_shared_experts=1, score_func="sigmoid",
-                    num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0, gate_in_float32=True),
-        q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        rope_factor=40.0, original_seq_len=4096, max_seq_len=4096,
-    ),
+    "debugmodel": _DEBUG,
     # The same with the query's low-rank bottleneck (wq_a -> norm -> wq_b), as the 671B has.
-    "debugmodel_q_lora": ModelArgs(
-        dim=256, n_layers=4, n_dense_layers=1, n_heads=8, vocab_size=2048, inter_dim=768,
-        moe=MoEArgs(num_experts=8, top_k=3, hidden_dim=256, num_shared_experts=1, score_func="sigmoid",
-                    num_groups=4, topk_groups=2, normalize_weights=True, route_scale=1.0, gate_in_float32=True),
-        q_lora_rank=96, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        rope_factor=40.0, original_seq_len=4096, max_seq_len=4096,
-    ),
+    "debugmodel_q_lora": dataclasses.replace(_DEBUG, q_lora_rank=96),
     # DeepSeek-V2-Lite dimensions (15.7B parameters, 2.4B active): softmax routing
     # without groups, unnormalized weights, plain query projection.
     "16B": ModelArgs(
