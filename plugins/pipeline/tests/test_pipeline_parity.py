@@ -89,5 +89,4 @@ def test_pp2_schedule_matches_single_process(tmp_path, reference, schedule, extr
     run = run_ranks(2, argv, tmp_path / "result.json")
     loss_diff, norm_diff = max_differences(run, reference)
     print(f"\n{schedule} {' '.join(extra)}: max |Δloss| {loss_diff:.2e}, max |Δgrad_norm| {norm_diff:.2e}")
-    assert run["losses"][STEPS] < run["losses"][1]  # it trains
     assert loss_diff < TOLERANCE and norm_diff < TOLERANCE, (loss_diff, norm_diff, run, reference)
