@@ -2,6 +2,7 @@
 mixture of experts, weight initialization (``plait.nn.init``)."""
 from plait.nn import init
 from plait.nn.attention import Attention, ScaledDotProductAttention
+from plait.nn.decoder import DecoderStack, PreNormBlock
 from plait.nn.feed_forward import FeedForward, swiglu_hidden_dim
 from plait.nn.head_shared import HeadShared
 from plait.nn.init import trunc_normal_
@@ -22,6 +23,7 @@ from plait.nn.rope import RopeScaling, apply_rope, rope_cache, rope_inv_freq
 
 __all__ = [
     "Attention",
+    "DecoderStack",
     "DispatchedTokens",
     "FeedForward",
     "GroupedExperts",
@@ -30,6 +32,7 @@ __all__ = [
     "MoE",
     "MoEArgs",
     "MoETensorParallel",
+    "PreNormBlock",
     "RMSNorm",
     "RopeScaling",
     "Routing",

@@ -9,14 +9,13 @@ are not part of it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from plait.errors import ConfigError
-from plait.nn import FeedForward, MoE, MoEArgs, RMSNorm, trunc_normal_
+from plait.nn import DecoderStack, FeedForward, MoE, MoEArgs, PreNormBlock, RMSNorm, trunc_normal_
 from plait_deepseek_v3.attention import MultiHeadLatentAttention
 from plait_deepseek_v3.rope import Yarn, rope_table
 
@@ -129,40 +128,23 @@ def count_parameters(args: ModelArgs, *, include_embedding: bool = True, active_
     return total
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
     """Pre-norm block; its second half is ``feed_forward`` (the first ``n_dense_layers``) or ``moe``."""
 
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
-        super().__init__()
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = MultiHeadLatentAttention(args)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         dense = layer_id < args.n_dense_layers
-        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=args.inter_dim) if dense else None
-        self.moe = None if dense else MoE(dim=args.dim, args=args.moe)
-        # Residual-path projections shrink with depth so deep stacks start stable.
-        self.out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
-
-    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
-        mlp = self.moe if self.moe is not None else self.feed_forward
-        return h + mlp(self.ffn_norm(h))
-
-    def init_weights(self) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std=0.02, out_std=self.out_std)
-        mlp = self.moe if self.moe is not None else self.feed_forward
-        mlp.init_weights(std=0.02, out_std=self.out_std)
+        super().__init__(
+            layer_id=layer_id,
+            dim=args.dim,
+            norm_eps=args.norm_eps,
+            attention=MultiHeadLatentAttention(args),
+            feed_forward=FeedForward(dim=args.dim, hidden_dim=args.inter_dim) if dense else None,
+            moe=None if dense else MoE(dim=args.dim, args=args.moe),
+        )
 
 
-class Transformer(nn.Module):
-    """``forward(tokens[B, S]) -> logits[B, S, vocab]``.
-
-    A pipeline stage may delete entries of ``layers`` and set ``tok_embeddings``,
-    ``norm`` or ``output`` to None; ``forward`` then takes and returns hidden states
-    where those modules are missing.
-    """
+class Transformer(DecoderStack):
+    """The DeepSeek-V3 decoder (``plait.nn.DecoderStack``)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -190,11 +172,3 @@ class Transformer(nn.Module):
         if self.output is not None:
             std = args.dim**-0.5
             trunc_normal_(self.output.weight, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cache)
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.output(h) if self.output is not None else h

@@ -1,14 +1,23 @@
 """The Llama 3 decoder: token embedding, ``n_layers`` pre-norm blocks, final norm, LM head."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from plait.errors import ConfigError
-from plait.nn import Attention, FeedForward, RMSNorm, RopeScaling, rope_cache, swiglu_hidden_dim, trunc_normal_
+from plait.nn import (
+    Attention,
+    DecoderStack,
+    FeedForward,
+    PreNormBlock,
+    RMSNorm,
+    RopeScaling,
+    rope_cache,
+    swiglu_hidden_dim,
+    trunc_normal_,
+)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -85,35 +94,20 @@ def count_parameters(args: ModelArgs, *, include_embedding: bool = True) -> int:
     return total
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
-        super().__init__()
+        super().__init__(
+            layer_id=layer_id,
+            dim=args.dim,
+            norm_eps=args.norm_eps,
+            attention=Attention(dim=args.dim, n_heads=args.n_heads, n_kv_heads=args.kv_heads),
+            feed_forward=FeedForward(dim=args.dim, hidden_dim=args.ffn_dim),
+        )
         self.layer_id = layer_id
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(dim=args.dim, n_heads=args.n_heads, n_kv_heads=args.kv_heads)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=args.ffn_dim)
-        # Residual-path projections shrink with depth so deep stacks start stable.
-        self.out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
-
-    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std=0.02, out_std=self.out_std)
-        self.feed_forward.init_weights(std=0.02, out_std=self.out_std)
 
 
-class Transformer(nn.Module):
-    """``forward(tokens[B, S]) -> logits[B, S, vocab]``.
-
-    A pipeline stage may delete entries of ``layers`` and set ``tok_embeddings``,
-    ``norm`` or ``output`` to None; ``forward`` then takes and returns hidden states
-    where those modules are missing.
-    """
+class Transformer(DecoderStack):
+    """The Llama 3 decoder (``plait.nn.DecoderStack``)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -161,11 +155,3 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
         if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
             trunc_normal_(self.output.weight, std=head_std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cache)
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.output(h) if self.output is not None else h

@@ -6,7 +6,6 @@ mixture-of-experts layer (``plait.nn.MoE``, softmax top-k routing).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,9 +14,11 @@ from torch import nn
 
 from plait.errors import ConfigError
 from plait.nn import (
+    DecoderStack,
     FeedForward,
     MoE,
     MoEArgs,
+    PreNormBlock,
     RMSNorm,
     ScaledDotProductAttention,
     apply_rope,
@@ -136,39 +137,22 @@ class Attention(nn.Module):
         self.k_norm.reset_parameters()
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
     """Pre-norm block; its second half is ``feed_forward`` (dense) or ``moe``."""
 
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
-        super().__init__()
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=args.ffn_dim) if args.moe is None else None
-        self.moe = MoE(dim=args.dim, args=args.moe) if args.moe is not None else None
-        # Residual-path projections shrink with depth so deep stacks start stable.
-        self.out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
-
-    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
-        mlp = self.moe if self.moe is not None else self.feed_forward
-        return h + mlp(self.ffn_norm(h))
-
-    def init_weights(self) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std=0.02, out_std=self.out_std)
-        mlp = self.moe if self.moe is not None else self.feed_forward
-        mlp.init_weights(std=0.02, out_std=self.out_std)
+        super().__init__(
+            layer_id=layer_id,
+            dim=args.dim,
+            norm_eps=args.norm_eps,
+            attention=Attention(args),
+            feed_forward=FeedForward(dim=args.dim, hidden_dim=args.ffn_dim) if args.moe is None else None,
+            moe=MoE(dim=args.dim, args=args.moe) if args.moe is not None else None,
+        )
 
 
-class Transformer(nn.Module):
-    """``forward(tokens[B, S]) -> logits[B, S, vocab]``.
-
-    A pipeline stage may delete entries of ``layers`` and set ``tok_embeddings``,
-    ``norm`` or ``output`` to None; ``forward`` then takes and returns hidden states
-    where those modules are missing.
-    """
+class Transformer(DecoderStack):
+    """The Qwen3 decoder (``plait.nn.DecoderStack``), dense or MoE."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -210,11 +194,3 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
         if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
             trunc_normal_(self.output.weight, std=head_std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cache)
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.output(h) if self.output is not None else h

@@ -1,0 +1,86 @@
+"""The pre-norm decoder the first-party models share: its blocks and the stack around them.
+
+A model package subclasses both: its block builds the attention (and a dense
+feed-forward or a MoE layer), its stack the embedding, blocks, final norm, LM head and
+the RoPE table, and how they are initialized. Forward and the block's initialization
+are the same for all of them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from plait.nn.feed_forward import FeedForward
+from plait.nn.moe import MoE
+from plait.nn.norms import RMSNorm
+
+
+class PreNormBlock(nn.Module):
+    """``h = x + attention(norm(x))``, then ``h + mlp(norm(h))``, where ``mlp`` is the
+    block's ``moe`` if it has one, else its ``feed_forward``. ``attention`` takes the RoPE
+    table as the keyword ``rope_cache`` and has ``init_weights(std=, out_std=)``.
+
+    Residual-path projections (attention output, feed-forward down projection) start at
+    ``0.02 / sqrt(2 * (layer_id + 1))``, so deep stacks start stable.
+    """
+
+    def __init__(
+        self,
+        *,
+        layer_id: int,
+        dim: int,
+        norm_eps: float,
+        attention: nn.Module,
+        feed_forward: FeedForward | None = None,
+        moe: MoE | None = None,
+    ) -> None:
+        super().__init__()
+        if (feed_forward is None) == (moe is None):
+            raise ValueError("a block has either a dense feed_forward or a moe layer")
+        self.attention_norm = RMSNorm(dim, eps=norm_eps)
+        self.attention = attention
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+        self.feed_forward = feed_forward
+        self.moe = moe
+        self.out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
+
+    @property
+    def mlp(self) -> nn.Module:
+        return self.moe if self.moe is not None else self.feed_forward
+
+    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
+        return h + self.mlp(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std=0.02, out_std=self.out_std)
+        self.mlp.init_weights(std=0.02, out_std=self.out_std)
+
+
+class DecoderStack(nn.Module):
+    """``forward(tokens[B, S]) -> logits[B, S, vocab]`` through ``tok_embeddings``, the
+    ``layers`` (a ModuleDict of blocks, each given the ``rope_cache`` buffer), ``norm``
+    and ``output``, which a subclass sets.
+
+    A pipeline stage may delete entries of ``layers`` and set ``tok_embeddings``,
+    ``norm`` or ``output`` to None; ``forward`` then takes and returns hidden states
+    where those modules are missing.
+    """
+
+    tok_embeddings: nn.Embedding | None
+    layers: nn.ModuleDict
+    norm: nn.Module | None
+    output: nn.Linear | None
+    rope_cache: torch.Tensor
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cache)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
