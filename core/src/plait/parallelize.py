@@ -43,6 +43,8 @@ class _ReplaySavedOps(_CachedTorchDispatchMode):
     FSDP unit inside the block (the experts under expert parallelism) gathers its
     parameters again in the recompute. Operators that are recomputed anyway simply run;
     the saved ones (matmuls, attention) are still taken from the forward, by position.
+    Built on torch 2.13's private SAC modes (``torch.utils.checkpoint``); the ep and core
+    activation-checkpointing tests exercise it, so a torch upgrade that changes them fails there.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
