@@ -1,15 +1,16 @@
 """plait and torchtitan on the same job, side by side, in one invocation.
 
     python benchmarks/vs_torchtitan.py --torchtitan-python /path/to/venv-tt/bin/python \\
-        [--jobs debugmodel,100M] [--repeats 3] [--threads 1] [--seeds 3] [--json OUT]
+        [--jobs debugmodel,100M] [--repeats 3] [--threads 1] [--seeds 3] [--json OUT] \\
+        [--device cpu|cuda] [--dtype float32|bfloat16] [--compile]
 
-For each job (``vs_torchtitan_jobs.py``: plait's llama3 ``debugmodel`` and a ~100M
-model) it writes plait's embedded corpus and tokenizer to files both systems read, then
+For each job (``vs_torchtitan_jobs.py``: plait's llama3 ``debugmodel``, a ~100M model
+for CPUs and a ~1B model for one GPU) it writes plait's embedded corpus and tokenizer to files both systems read, then
 runs plait and torchtitan as separate processes, one after the other, alternating which
 goes first, ``--repeats`` times, with the same thread count. Between the pairs it times
 the job's matmuls (``gemm_throughput.py``). It prints, per system, the medians of:
 steady-state tokens/s (warm-up steps left out), time to first step (process start to the
-end of step 1), peak RSS, the loss at the first and last step, MFU against the nominal
+end of step 1), peak memory (RSS on CPU, ``max_memory_allocated`` on a GPU), the loss at the first and last step, MFU against the nominal
 peak and against the measured matmul throughput, and the median over the repeats of the
 ratio plait/torchtitan of each pair. It checks that both systems built the same number
 of parameters, trained on the same first batch and followed the same learning rates.
@@ -78,9 +79,19 @@ def model_flops_per_token(job: Job) -> float:
     return flops_per_token(dataclasses.replace(FLAVORS[job.plait_flavor], max_seq_len=job.seq_len), job.seq_len)
 
 
-def nominal_peak_flops(threads: int) -> float:
-    from plait.builtin import cpu_peak_per_thread
+def device_name(device: str) -> str:
+    import torch
 
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+
+
+def nominal_peak_flops(threads: int, device: str, dtype: str) -> float:
+    """The datasheet peak plait's MFU uses: /proc/cpuinfo's vector width x clock per thread
+    on CPU, the GPU's dense figure for the dtype."""
+    from plait.builtin import cpu_peak_per_thread, peak_flops
+
+    if device == "cuda":
+        return peak_flops("cuda", device_name(device), dtype)
     return cpu_peak_per_thread() * threads
 
 
@@ -101,10 +112,13 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- runs
 
 
-def child_env(threads: int, plait_data: str = "files") -> dict[str, str]:
+def child_env(threads: int, plait_data: str = "files", device: str = "cpu") -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), VS_TORCHTITAN_THREADS=str(threads),
-               VS_TORCHTITAN_PORT=str(free_port()), VS_TORCHTITAN_PLAIT_DATA=plait_data, PYTHONUNBUFFERED="1")
+               VS_TORCHTITAN_PORT=str(free_port()), VS_TORCHTITAN_PLAIT_DATA=plait_data,
+               VS_TORCHTITAN_DEVICE=device, PYTHONUNBUFFERED="1")
+    if device == "cpu":  # both systems take a GPU when they see one
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -116,12 +130,15 @@ def run_system(system: str, python: str, job_file: Path, assets: Path, threads: 
     with open(log_file, "w") as log:
         started = time.time()
         code = subprocess.call([python, str(RUNNERS[system]), str(job_file), str(assets), str(result_file)],
-                               stdout=log, stderr=subprocess.STDOUT, env=child_env(threads, plait_data), cwd=assets)
+                               stdout=log, stderr=subprocess.STDOUT, env=child_env(threads, plait_data, job.device),
+                               cwd=assets)
         wall = time.time() - started
     if code != 0 or not result_file.is_file():
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"{system} run {tag} failed (exit code {code}); last lines of {log_file}:\n{tail}")
     result = json.loads(result_file.read_text())
+    if result["device"] != job.device:
+        raise SystemExit(f"{system} run {tag} trained on {result['device']}, the job is for {job.device}")
     ends, warmup = result["step_ends"], job.warmup_steps
     if len(ends) != job.steps:
         raise SystemExit(f"{system} run {tag}: {len(ends)} step timestamps for {job.steps} steps")
@@ -130,6 +147,7 @@ def run_system(system: str, python: str, job_file: Path, assets: Path, threads: 
         **result,
         "tokens_per_second": job.tokens_per_step * (job.steps - warmup) / (ends[-1] - ends[warmup - 1]),
         "time_to_first_step": result["first_step_wall"] - started,
+        "peak_memory_bytes": result["peak_device_bytes"] if job.device == "cuda" else result["peak_rss_bytes"],
         "wall_seconds": wall,
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -139,7 +157,8 @@ def run_system(system: str, python: str, job_file: Path, assets: Path, threads: 
 def run_gemms(job: Job, threads: int, assets: Path, tag: str) -> float:
     out = assets / f"{tag}.json"
     subprocess.run([sys.executable, str(HERE / "gemm_throughput.py"), "--job", job.name, "--threads", str(threads),
-                    "--json", str(out)], check=True, env=child_env(threads), stdout=subprocess.DEVNULL)
+                    "--device", job.device, "--dtype", job.dtype, "--json", str(out)],
+                   check=True, env=child_env(threads, device=job.device), stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["flops_per_second"]
 
 
@@ -151,8 +170,9 @@ def check_same_job(job: Job, runs: dict[str, list[dict]]) -> None:
     if plait["parameters"] != titan["parameters"] or plait["parameters"] != job.shape.num_parameters():
         problems.append(f"parameters: plait {plait['parameters']:,}, torchtitan {titan['parameters']:,}, "
                         f"job {job.shape.num_parameters():,}")
-    if plait["threads"] != titan["threads"]:
-        problems.append(f"threads: plait {plait['threads']}, torchtitan {titan['threads']}")
+    for key in ("threads", "compile"):
+        if plait[key] != titan[key]:
+            problems.append(f"{key}: plait {plait[key]}, torchtitan {titan[key]}")
     if plait["first_batch_sha256"] != titan["first_batch_sha256"]:
         problems.append(f"first batch: plait {plait['first_batch_sha256']}, torchtitan {titan['first_batch_sha256']}")
     for step in map(str, range(1, job.steps + 1)):
@@ -169,7 +189,7 @@ def check_same_job(job: Job, runs: dict[str, list[dict]]) -> None:
 METRICS = (  # key, label, scale, format
     ("tokens_per_second", "tokens/s", 1, "{:,.0f}"),
     ("time_to_first_step", "time to first step (s)", 1, "{:.2f}"),
-    ("peak_rss_bytes", "peak RSS (GiB)", 1 / GIB, "{:.3f}"),
+    ("peak_memory_bytes", "peak memory (GiB)", 1 / GIB, "{:.3f}"),
     ("loss_first", "loss, step 1", 1, "{:.4f}"),
     ("loss_last", "loss, last step", 1, "{:.4f}"),
     ("mfu_nominal", "MFU vs nominal peak (%)", 100, "{:.1f}"),
@@ -201,9 +221,11 @@ def summarize(job: Job, runs: dict[str, list[dict]], gemm_flops: list[float], fl
 def print_report(summary: dict, threads: int) -> None:
     job, table = summary["job"], summary["table"]
     shape = job["shape"]
+    memory = "peak allocated" if job["device"] == "cuda" else "peak RSS"
     print(f"\n== {job['name']}: dim {shape['dim']}, {shape['n_layers']} layers, {shape['n_heads']} heads, vocab "
           f"{shape['vocab_size']}, ffn {shape['ffn_dim']}; batch {job['batch_size']} x seq {job['seq_len']}, "
-          f"{job['steps']} steps ({job['warmup_steps']} warm-up excluded), {job['dtype']}, {threads} thread(s)")
+          f"{job['steps']} steps ({job['warmup_steps']} warm-up excluded), {job['dtype']} on {job['device']}, "
+          f"{'compiled' if job['compile'] else 'eager'}, {threads} thread(s); memory = {memory}")
     print(f"   {'':28} {'plait':>12} {'torchtitan':>12} {'plait/titan':>12}  (range over repeats)")
     for key, label, scale, fmt in METRICS:
         row = table[key]
@@ -211,7 +233,7 @@ def print_report(summary: dict, threads: int) -> None:
         print(f"   {label:28} {fmt.format(row['plait'] * scale):>12} {fmt.format(row['torchtitan'] * scale):>12} "
               f"{row['ratio']:>12.3f}  ({low:.3f}-{high:.3f})")
     print(f"   model FLOPs/token {summary['flops_per_token'] / 1e6:.2f} M; nominal peak "
-          f"{summary['nominal_peak_flops'] / 1e9:.1f} GFLOP/s; measured step GEMMs "
+          f"{summary['nominal_peak_flops'] / 1e9:.1f} GFLOP/s ({summary['device_name']}); measured step GEMMs "
           f"{summary['gemm_flops_per_second'] / 1e9:.1f} GFLOP/s (best of "
           f"{', '.join(f'{g / 1e9:.1f}' for g in summary['gemm_flops_samples'])})")
     first = {system: summary["runs"][system][0] for system in SYSTEMS}
@@ -223,15 +245,18 @@ def print_report(summary: dict, threads: int) -> None:
     noise_text = (f"spread of plait's last loss over seeds {job['seed']}..{job['seed'] + len(seeds) - 1}: "
                   f"{noise:.4f} ({', '.join(f'{x:.4f}' for x in seeds)})" if noise is not None else "not measured")
     print(f"   |last loss plait - torchtitan| = {delta:.4f}; seed-to-seed noise: {noise_text}")
-    targets = [
-        ("tokens/s >= 1.15 x torchtitan", table["tokens_per_second"]["ratio"] >= 1.15),
-        ("peak RSS <= 0.9 x torchtitan", table["peak_rss_bytes"]["ratio"] <= 0.9),
-        ("time to first step <= 0.5 x torchtitan", table["time_to_first_step"]["ratio"] <= 0.5),
-    ]
+    if job["device"] == "cuda":
+        targets = [("MFU >= torchtitan's", table["mfu_nominal"]["ratio"] >= 1.0)]
+    else:
+        targets = [
+            ("tokens/s >= 1.15 x torchtitan", table["tokens_per_second"]["ratio"] >= 1.15),
+            ("peak RSS <= 0.9 x torchtitan", table["peak_memory_bytes"]["ratio"] <= 0.9),
+            ("time to first step <= 0.5 x torchtitan", table["time_to_first_step"]["ratio"] <= 0.5),
+        ]
+        if job["name"] == "100M":
+            targets.append(("model FLOP/s >= 50% of measured GEMM", table["mfu_gemm"]["plait"] >= 0.5))
     if noise is not None:
         targets.append(("last loss within seed noise", delta <= noise))
-    if job["name"] == "100M":
-        targets.append(("model FLOP/s >= 50% of measured GEMM", table["mfu_gemm"]["plait"] >= 0.5))
     print("   targets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets))
 
 
@@ -250,7 +275,7 @@ def run_job(job: Job, args: argparse.Namespace, workdir: Path, pythons: dict[str
                              args.plait_data)
             runs[system].append(run)
             print(f"   {name} #{repeat} {system:10}: {run['tokens_per_second']:9,.0f} tokens/s, first step at "
-                  f"{run['time_to_first_step']:.2f} s, peak RSS {run['peak_rss_bytes'] / GIB:.3f} GiB, loss "
+                  f"{run['time_to_first_step']:.2f} s, peak memory {run['peak_memory_bytes'] / GIB:.3f} GiB, loss "
                   f"{run['loss_first']:.4f} -> {run['loss_last']:.4f}", flush=True)
         if repeat == 0:
             check_same_job(job, runs)  # before spending time on more pairs
@@ -262,8 +287,10 @@ def run_job(job: Job, args: argparse.Namespace, workdir: Path, pythons: dict[str
         seed_run = run_system("plait", sys.executable, other, workdir, args.threads, f"{name}.plait.seed{offset}",
                               args.plait_data)
         seed_losses.append(seed_run["loss_last"])
-    return summarize(job, runs, gemm_flops, model_flops_per_token(job), nominal_peak_flops(args.threads),
-                     seed_losses)
+    summary = summarize(job, runs, gemm_flops, model_flops_per_token(job),
+                        nominal_peak_flops(args.threads, job.device, job.dtype), seed_losses)
+    summary["device_name"] = device_name(job.device)
+    return summary
 
 
 def main() -> None:
@@ -282,6 +309,10 @@ def main() -> None:
                              "of the last loss is the noise the two systems' losses are compared with; 1 skips it")
     parser.add_argument("--keep", help="write runs, logs and assets to this folder and keep them (otherwise a "
                                        "temporary folder, removed after a successful run)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both systems train")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype of every job (default: each job's own: fp32 on the CPU jobs, bf16 on 1B)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model and loss on both systems")
     parser.add_argument("--json", help="write all figures to this file")
     args = parser.parse_args()
     if not args.torchtitan_python:
@@ -297,16 +328,22 @@ def main() -> None:
 
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vs_torchtitan_"))
     workdir.mkdir(parents=True, exist_ok=True)
     write_assets(workdir)
-    print(f"{datetime.date.today()} | {cpu_model()}, {os.cpu_count()} cpus | torch {torch.__version__} | "
+    print(f"{datetime.date.today()} | {device_name(args.device)} | {cpu_model()}, {os.cpu_count()} cpus | "
+          f"torch {torch.__version__} | "
           f"{args.threads} thread(s) | python {platform.python_version()} | plait data: {args.plait_data} | "
           f"files in {workdir}", flush=True)
     summaries = []
     try:
         for name in names:
-            job = with_plait_schedule(JOBS[name].with_overrides(steps=args.steps or JOBS[name].steps))
+            job = with_plait_schedule(JOBS[name].with_overrides(
+                steps=args.steps or JOBS[name].steps, device=args.device, compile=args.compile,
+                dtype=args.dtype or JOBS[name].dtype))
             summaries.append(run_job(job, args, workdir, pythons))
             print_report(summaries[-1], args.threads)
     except BaseException:
@@ -316,6 +353,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"date": str(datetime.date.today()), "cpu": cpu_model(),
+                                               "device": device_name(args.device), "compile": args.compile,
                                                "cpus": os.cpu_count(), "threads": args.threads,
                                                "plait_data": args.plait_data, "jobs": summaries}, indent=2))
 

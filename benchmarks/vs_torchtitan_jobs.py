@@ -71,6 +71,12 @@ class Job:
     """Steps left out of the steady-state throughput (first-step allocation, lazy init)."""
     seed: int = 0
     dtype: str = "float32"
+    """Compute dtype; master weights and optimizer state stay float32 on both systems
+    (plait: autocast; torchtitan: its FSDP parameter dtype)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (one device); the harness's ``--device``."""
+    compile: bool = False
+    """torch.compile of the model and the loss on both systems; the harness's ``--compile``."""
     lr: float = 8e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -102,7 +108,8 @@ class Job:
         return cls(**data)
 
 
-#: plait's ``llama3_debugmodel`` recipe model (flavor ``debugmodel``) and a ~100M model.
+#: plait's ``llama3_debugmodel`` recipe model (flavor ``debugmodel``), a ~100M model (the
+#: CPU jobs) and a ~1B model (the GPU job).
 JOBS: dict[str, Job] = {
     "debugmodel": Job(
         name="debugmodel",
@@ -119,6 +126,19 @@ JOBS: dict[str, Job] = {
         seq_len=256,
         batch_size=2,
         steps=6,
+    ),
+    # The GPU job: ~1B parameters (Llama 3.2 1B's blocks, the embedded tokenizer's
+    # vocabulary, untied), bf16 compute, 8K tokens a step; fits one 80 GB GPU without
+    # activation checkpointing.
+    "1B": Job(
+        name="1B",
+        plait_flavor="1B_embedded_vocab",
+        shape=ModelShape(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=2048, ffn_dim=8192),
+        seq_len=2048,
+        batch_size=4,
+        steps=30,
+        warmup_steps=5,
+        dtype="bfloat16",
     ),
 }
 

@@ -5,7 +5,9 @@
 Started by ``vs_torchtitan.py``. It does what ``plait train`` does (``plait.cli.train``)
 with the job's options, reading the same corpus and tokenizer files as torchtitan, and
 registers one throwaway plugin that timestamps the end of every step (the checkpoint
-save point, after the optimizer step and the metrics) and fingerprints the first batch.
+save point, after the optimizer step and the metrics; on a GPU after a synchronize) and
+fingerprints the first batch. plait picks the GPU when torch sees one: the harness hides
+it (``CUDA_VISIBLE_DEVICES=""``) for a CPU job.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ class StepTimer:
 
     PLAIT_API_VERSION = PLUGIN_API_VERSION
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize) -> None:  # noqa: ANN001
+        self.synchronize = synchronize
         self.step_ends: list[float] = []
         self.first_step_wall = 0.0
         self.first_batch_sha256 = ""
@@ -43,6 +46,7 @@ class StepTimer:
     @hookimpl(wrapper=True)
     def plait_checkpoint_save(self, checkpointer, step: int, force: bool):  # noqa: ANN001, ANN201
         result = yield
+        self.synchronize()
         self.step_ends.append(time.perf_counter())
         if step == 1:
             self.first_step_wall = time.time()
@@ -70,6 +74,7 @@ def plait_argv(job: Job, assets: Path, data: str = "files") -> list[str]:
         "--optimizer.weight_decay", str(job.weight_decay),
         "--lr_scheduler.warmup_steps", str(job.lr_warmup_steps),
         *(files if data == "files" else []),
+        "--compile.enable", str(job.compile),
         "--checkpoint.enable", "False",
         "--metrics.enable_tensorboard", "False",
         "--metrics.progress", "off",
@@ -105,11 +110,13 @@ def main() -> None:
     data = os.environ.get("VS_TORCHTITAN_PLAIT_DATA", "files")
     manager, spec, config = resolve_train_config(plait_argv(job, assets, data))
     check_shape(spec.args_for(config.model.flavor), job)
-    timer = StepTimer()
+    timer = StepTimer(torch.cuda.synchronize if job.device == "cuda" else (lambda: None))
     manager.register_object(timer, "vs_torchtitan_timer")
     setup_logging(0)
     write_resolved_config(config, manager)
     trainer = Trainer(config, manager, spec)
+    if trainer.device.type != job.device:
+        raise SystemExit(f"plait trains on {trainer.device.type}, the job is for {job.device}")
     try:
         train_result = trainer.train()
     finally:
@@ -127,7 +134,11 @@ def main() -> None:
         "step_ends": timer.step_ends,
         "losses": {str(k): v for k, v in sorted(train_result.losses.items())},
         "lrs": {str(k): v for k, v in sorted(timer.lrs.items())},
+        "device": trainer.device.type,
+        "compile": config.compile.enable,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # plait never resets the device's peak: this is the whole run's
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if job.device == "cuda" else None,
     }
     Path(result_file).write_text(json.dumps(result, indent=2))
 

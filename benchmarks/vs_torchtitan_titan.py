@@ -8,9 +8,12 @@ there). It goes through torchtitan's normal path -- ``ConfigManager().parse_args
 ``config.build()`` and ``trainer.train()`` as in ``torchtitan/train.py`` -- with these
 changes, each needed for the job to run on CPU and to be the same job as plait's:
 
-* CPU: torchtitan 0.3.0 picks ``cuda`` when no accelerator is present and reads CUDA
-  memory statistics; here the device type is ``cpu`` and memory is the process's RSS.
-  ``set_pg_timeouts`` (a barrier with a device id after step 1) is skipped: one process.
+* CPU (a ``cpu`` job): torchtitan 0.3.0 picks ``cuda`` when no accelerator is present
+  and reads CUDA memory statistics; here the device type is ``cpu`` and memory is the
+  process's RSS. ``set_pg_timeouts`` (a barrier with a device id after step 1) is
+  skipped: one process. A ``cuda`` job runs torchtitan's own device path unchanged; its
+  peak memory is ``torch.cuda.max_memory_allocated`` read before each of torchtitan's
+  metric logs (which reset it).
 * attention: its language models use FlexAttention with per-document masks, and
   FlexAttention has no backward on CPU; the job uses its ``ScaledDotProductAttention``
   (causal), the attention plait's llama3 uses.
@@ -19,11 +22,13 @@ changes, each needed for the job to run on CPU and to be the same job as plait's
   plait's (``bos + tokens + eos`` concatenated, cut into windows of ``seq_len + 1``) and
   RoPE positions run 0..seq_len-1, so both systems train on the same token windows.
 * dtype: torchtitan wraps the model in FSDP2 even at one rank, with a bf16 parameter
-  dtype by default; ``mixed_precision_param`` is set to the job's fp32.
+  dtype by default; ``mixed_precision_param`` is set to the job's compute dtype and the
+  master weights stay fp32 (``training.dtype``), as plait's ``--training.dtype``.
 * the model shape, RoPE (no frequency scaling), AdamW hyperparameters (no weight decay
-  on norm scales), LR per step, seed, clipping, no activation checkpointing and no
-  compile are the job's. Everything else is torchtitan's llama3 debug recipe: fused QKV,
-  complex RoPE, ``nn.RMSNorm``, chunked loss, fused AdamW, GC every 50 steps.
+  on norm scales), LR per step, seed, clipping, no activation checkpointing and
+  ``torch.compile`` of model and loss (or none) are the job's. Everything else is
+  torchtitan's llama3 debug recipe: fused QKV, complex RoPE, ``nn.RMSNorm``, chunked
+  loss, fused AdamW, GC every 50 steps.
 
 torchtitan 0.3.0 imports ``triton`` at import time without declaring it: install it in
 torchtitan's environment (it is only imported on CPU, never run).
@@ -46,6 +51,10 @@ JOB_ENV = "VS_TORCHTITAN_JOB"
 ASSETS_ENV = "VS_TORCHTITAN_ASSETS"
 
 
+DEVICE_ENV = "VS_TORCHTITAN_DEVICE"
+ON_CPU = os.environ.get(DEVICE_ENV, "cpu") == "cpu"
+
+
 def _use_cpu() -> None:
     """Make torchtitan's device detection say ``cpu`` (it must run before torchtitan imports)."""
     import torch._utils
@@ -53,7 +62,8 @@ def _use_cpu() -> None:
     torch._utils._get_available_device_type = lambda: "cpu"
 
 
-_use_cpu()
+if ON_CPU:
+    _use_cpu()
 
 import torch  # noqa: E402
 import torchtitan  # noqa: E402
@@ -63,7 +73,7 @@ from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss  # n
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer  # noqa: E402
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig  # noqa: E402
 from torchtitan.config import ParallelismConfig, TrainingConfig  # noqa: E402
-from torchtitan.config.configs import DebugConfig  # noqa: E402
+from torchtitan.config.configs import CompileConfig, DebugConfig  # noqa: E402
 from torchtitan.distributed import utils as dist_utils  # noqa: E402
 from torchtitan.hf_datasets import DatasetConfig  # noqa: E402
 from torchtitan.hf_datasets import text_datasets  # noqa: E402
@@ -103,8 +113,9 @@ class _CPUMemoryMonitor:
         pass
 
 
-tt_metrics.DeviceMemoryMonitor = _CPUMemoryMonitor
-dist_utils.set_pg_timeouts = lambda **kwargs: None
+if ON_CPU:
+    tt_metrics.DeviceMemoryMonitor = _CPUMemoryMonitor
+    dist_utils.set_pg_timeouts = lambda **kwargs: None
 
 
 # --------------------------------------------------------------------------- data
@@ -246,8 +257,9 @@ def benchmark_job() -> Trainer.Config:
         lr_scheduler=FixedFactorLRSchedulers.Config(warmup_steps=0, factors=list(job.lr_factors)),
         training=TrainingConfig(
             local_batch_size=job.batch_size, seq_len=job.seq_len, steps=job.steps, max_norm=job.max_norm,
-            dtype=job.dtype, mixed_precision_param=job.dtype, disable_cuda_graphs=True,
+            dtype="float32", mixed_precision_param=job.dtype, disable_cuda_graphs=True,
         ),
+        compile=CompileConfig(enable=job.compile, components=["model", "loss"]),
         dataloader=StreamPackedDataLoader.Config(),
         metrics=tt_metrics.MetricsProcessor.Config(log_freq=1),
         parallelism=ParallelismConfig(),
@@ -263,6 +275,10 @@ def main() -> None:
     job_file, assets, result_file = sys.argv[1:4]
     threads = int(os.environ["VS_TORCHTITAN_THREADS"])
     torch.set_num_threads(threads)
+    job = Job.from_json(Path(job_file).read_text())
+    if job.device != os.environ.get(DEVICE_ENV, "cpu"):
+        raise SystemExit(f"the job is for {job.device}, but ${DEVICE_ENV} says {os.environ.get(DEVICE_ENV, 'cpu')}")
+    on_cuda = job.device == "cuda"
     os.environ[JOB_ENV], os.environ[ASSETS_ENV] = job_file, assets
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -285,12 +301,15 @@ def main() -> None:
     losses: dict[int, float] = {}
     lrs: dict[int, float] = {}
     first_step_wall = 0.0
+    peak_device_bytes = 0
 
     save = trainer.checkpointer.save
 
     def timed_save(curr_step: int, *args, **kwargs):  # after every step, as plait's save point
         nonlocal first_step_wall
         save(curr_step, *args, **kwargs)
+        if on_cuda:
+            torch.cuda.synchronize()
         step_ends.append(time.perf_counter())
         if curr_step == 1:
             first_step_wall = time.time()
@@ -298,6 +317,9 @@ def main() -> None:
     log = trainer.metrics_processor.log
 
     def recording_log(step: int, global_avg_loss: float, *args, extra_metrics=None, **kwargs):  # noqa: ANN001
+        nonlocal peak_device_bytes
+        if on_cuda:  # before torchtitan's log, which resets the peak
+            peak_device_bytes = max(peak_device_bytes, torch.cuda.max_memory_allocated())
         losses[step] = float(global_avg_loss)
         lrs[step] = max(v for k, v in (extra_metrics or {}).items() if k.startswith("lr/"))
         return log(step, global_avg_loss, *args, extra_metrics=extra_metrics, **kwargs)
@@ -323,7 +345,10 @@ def main() -> None:
         "step_ends": step_ends,
         "losses": {str(k): v for k, v in sorted(losses.items())},
         "lrs": {str(k): v for k, v in sorted(lrs.items())},
+        "device": next(trainer.model_parts[0].parameters()).device.type,
+        "compile": config.compile.enable,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_device_bytes": peak_device_bytes if on_cuda else None,
     }
     Path(result_file).write_text(json.dumps(result, indent=2))
 

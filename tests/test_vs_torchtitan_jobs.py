@@ -38,6 +38,13 @@ def test_the_100M_job_is_about_100M_parameters() -> None:
     assert 95e6 < JOBS["100M"].shape.num_parameters() < 110e6
 
 
+def test_the_gpu_job_is_about_1B_parameters_in_bf16() -> None:
+    job = JOBS["1B"]
+    assert 0.95e9 < job.shape.num_parameters() < 1.05e9
+    assert (job.dtype, job.shape.n_kv_heads) == ("bfloat16", 8)
+    assert job.warmup_steps < job.steps
+
+
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_step_gemms_are_the_linear_part_of_the_model_flops(name: str) -> None:
     job = JOBS[name]
@@ -51,25 +58,48 @@ def test_step_gemms_are_the_linear_part_of_the_model_flops(name: str) -> None:
 
 
 def test_gemm_ops_have_the_layouts_autograd_uses() -> None:
+    import torch
     from gemm_throughput import gemm_op
 
     for kind in ("forward", "grad_input", "grad_weight"):
         gemm = Gemm(name=kind, kind=kind, m=5, n=3, k=4, count=1)
         assert tuple(gemm_op(gemm)().shape) == (5, 3)
+        assert gemm_op(gemm, dtype="bfloat16")().dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown GEMM kind"):
         gemm_op(Gemm(name="x", kind="sideways", m=1, n=1, k=1, count=1))
 
 
+def test_time_call_waits_for_the_device_before_reading_the_clock() -> None:
+    from gemm_throughput import time_call
+
+    events = []
+    seconds = time_call(lambda: events.append("call"), min_seconds=0.001, repeats=2,
+                        synchronize=lambda: events.append("sync"))
+    assert seconds > 0
+    assert events[:2] == ["call", "sync"]  # the untimed first call
+    assert events[-1] == "sync"
+    assert events.count("call") > events.count("sync") > 2  # timed in batches, each ending with a sync
+
+
 def test_job_survives_its_json_file() -> None:
-    job = JOBS["100M"].with_overrides(lr_factors=(0.5, 1.0))
+    job = JOBS["100M"].with_overrides(lr_factors=(0.5, 1.0), device="cuda", compile=True)
     assert Job.from_json(job.to_json()) == job
 
 
-@pytest.mark.parametrize("data", ["files", "embedded"])
-def test_plait_options_are_the_job(tmp_path: Path, data: str) -> None:
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_runs_see_a_gpu_only_for_a_gpu_job(device: str) -> None:
+    from vs_torchtitan import child_env
+
+    env = child_env(threads=1, device=device)
+    assert env["VS_TORCHTITAN_DEVICE"] == device
+    assert (env.get("CUDA_VISIBLE_DEVICES") == "") == (device == "cpu")
+
+
+@pytest.mark.parametrize(("data", "compile"), [("files", False), ("embedded", True)])
+def test_plait_options_are_the_job(tmp_path: Path, data: str, compile: bool) -> None:
     from plait.cli import resolve_train_config
 
-    job = JOBS["debugmodel"]
+    job = JOBS["debugmodel"].with_overrides(compile=compile)
     (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
     _, _, config = resolve_train_config(plait_argv(job, tmp_path, data), world_size=1)
     training, optimizer = config.training, config.optimizer
@@ -80,4 +110,5 @@ def test_plait_options_are_the_job(tmp_path: Path, data: str) -> None:
     assert (optimizer.eps, optimizer.weight_decay) == (job.eps, job.weight_decay)
     assert config.lr_scheduler.warmup_steps == job.lr_warmup_steps
     assert not config.checkpoint.enable
+    assert config.compile.enable == compile
     assert bool(config.data.dataset) == (data == "files")

@@ -18,6 +18,11 @@ FLAVORS: dict[str, ModelArgs] = {
     # About 100M parameters on the embedded tokenizer: a CPU-sized benchmark job
     # (benchmarks/vs_torchtitan.py), large enough that matmuls dominate the step.
     "100M": ModelArgs(dim=768, n_layers=14, n_heads=12, vocab_size=2048, rope_theta=500000.0),
+    # Llama 3.2 1B's blocks on the embedded tokenizer (untied): the GPU benchmark job.
+    "1B_embedded_vocab": ModelArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=2048, ffn_dim_multiplier=1.5,
+        rope_theta=500000.0,
+    ),
     # Published Llama 3.1 sizes (128K context through RoPE frequency scaling).
     "8B": ModelArgs(
         dim=4096,
