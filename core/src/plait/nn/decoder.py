@@ -76,6 +76,21 @@ class DecoderStack(nn.Module):
     norm: nn.Module | None
     output: nn.Linear | None
     rope_cache: torch.Tensor
+    tie_word_embeddings: bool = False
+    """``output`` shares ``tok_embeddings``' weight: a subclass sets this and calls
+    ``tie_weights()`` once both modules exist."""
+
+    def tie_weights(self) -> None:
+        if self.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:
+            if self.output.weight is not self.tok_embeddings.weight:
+                self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        # Moving or materializing (``to_empty``) replaces parameters one module at a time,
+        # which would silently untie a shared embedding / LM head; tie them again.
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens

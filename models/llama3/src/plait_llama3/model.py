@@ -119,19 +119,8 @@ class Transformer(DecoderStack):
         self.register_buffer(
             "rope_cache", torch.empty(args.max_seq_len, 2 * args.head_dim, dtype=torch.float32), persistent=False
         )
-        self._tie_weights()
-
-    def _tie_weights(self) -> None:
-        if self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:
-            if self.output.weight is not self.tok_embeddings.weight:
-                self.output.weight = self.tok_embeddings.weight
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
-        # Moving or materializing (``to_empty``) replaces parameters one module at a time,
-        # which would silently untie a shared embedding / LM head; tie them again.
-        super()._apply(fn, recurse)
-        self._tie_weights()
-        return self
+        self.tie_word_embeddings = args.tie_word_embeddings
+        self.tie_weights()
 
     def init_weights(self) -> None:
         """Initialize every parameter and buffer from the global torch RNG (call under no_grad)."""
