@@ -13,8 +13,17 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from plait.cli import resolve_train_config, train
-from plait.testing import free_port
+from plait.cli import resolve_train_config
+from plait.testing import free_port, keep_determinism_setting, max_differences, train_in_this_process
+
+__all__ = [
+    "distributed_first_step_gradients",
+    "first_step_gradients",
+    "keep_determinism_setting",
+    "max_differences",
+    "parity_job",
+    "train_in_this_process",
+]
 
 
 def parity_job(
@@ -40,30 +49,6 @@ def parity_job(
         "--job.dump_folder", str(dump),
         *extra,
     ]  # fmt: skip
-
-
-def keep_determinism_setting(run):
-    """``run()``, leaving torch's deterministic-algorithms switch as it was (a
-    ``--training.deterministic`` job in this process turns it on)."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        return run()
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-
-
-def train_in_this_process(argv: list[str]) -> dict[str, dict[int, float]]:
-    """``{"losses": {step: loss}, "grad_norms": {step: norm}}`` of a run in this process."""
-    result = keep_determinism_setting(lambda: train(argv))
-    return {"losses": result.losses, "grad_norms": result.grad_norms}
-
-
-def max_differences(run: dict[str, dict[int, float]], reference: dict[str, dict[int, float]]) -> tuple[float, float]:
-    """Largest |Δloss| and |Δgrad norm| over the steps (which must be the same)."""
-    assert sorted(run["losses"]) == sorted(reference["losses"]), (run, reference)
-    loss = max(abs(run["losses"][s] - reference["losses"][s]) for s in reference["losses"])
-    norm = max(abs(run["grad_norms"][s] - reference["grad_norms"][s]) for s in reference["grad_norms"])
-    return loss, norm
 
 
 # ------------------------------------------------------------------ first-step gradients

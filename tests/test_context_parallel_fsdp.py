@@ -11,10 +11,9 @@ tensor parallelism splits the heads (and sequence parallelism the norms).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from plait.cli import train
-from plait.testing import run_ranks
+from plait.testing import keep_determinism_setting, run_ranks
 
 pytest.importorskip("plait_fsdp")
 pytest.importorskip("plait_context_parallel")
@@ -42,12 +41,7 @@ def job(dump, *extra, local_batch_size):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        result = train(job(tmp_path_factory.mktemp("single"), local_batch_size=4))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-    return result
+    return keep_determinism_setting(lambda: train(job(tmp_path_factory.mktemp("single"), local_batch_size=4)))
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plait.cli import train
-from plait.testing import run_ranks
+from plait.testing import keep_determinism_setting, run_ranks
 
 pytest.importorskip("plait_fsdp")
 pytest.importorskip("plait_tp")
@@ -55,11 +55,9 @@ def job(dump_folder: Path, *extra: str, local_batch_size: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        return train(job(tmp_path_factory.mktemp("one_gpu"), local_batch_size=GLOBAL_BATCH))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+    return keep_determinism_setting(
+        lambda: train(job(tmp_path_factory.mktemp("one_gpu"), local_batch_size=GLOBAL_BATCH))
+    )
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

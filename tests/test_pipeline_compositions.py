@@ -11,11 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from plait.checkpoint import list_checkpoints
-from plait.cli import train
-from plait.testing import run_ranks
+from plait.testing import run_ranks, train_in_this_process
 
 pytest.importorskip("plait_pipeline")
 
@@ -46,20 +44,11 @@ def job(dump_folder: Path, *extra: str, local_batch_size: int = GLOBAL_BATCH, st
 PP2_INTERLEAVED = ("--plugins", "pipeline", "--parallelism.pp", "2", "--pipeline.schedule", "Interleaved1F1B")
 
 
-def train_here(argv: list[str]) -> dict[str, dict[int, float]]:
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        result = train(argv)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-    return {"losses": result.losses, "grad_norms": result.grad_norms}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, dict[str, dict[int, float]]]:
     """One process, no parallelism; its checkpoints feed the resume-under-PP test."""
     folder = tmp_path_factory.mktemp("single")
-    return folder, train_here(job(folder))
+    return folder, train_in_this_process(job(folder))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +101,7 @@ def test_pp2_checkpoint_resumes_in_one_process(tmp_path, pp2_run):
     dump, pipelined = pp2_run
     assert list_checkpoints(str(dump / "checkpoint")) == [SAVED_STEP, STEPS]
     copy_checkpoint(dump, tmp_path, SAVED_STEP)
-    resumed = train_here(job(tmp_path))
+    resumed = train_in_this_process(job(tmp_path))
     assert_matches(resumed, pipelined, range(SAVED_STEP + 1, STEPS + 1))
 
 
@@ -141,7 +130,7 @@ def test_pp2_starts_from_hugging_face_weights(tmp_path, reference):
     export_checkpoint_to_hf(reference[0] / "checkpoint" / f"step-{SAVED_STEP}", spec,
                             spec.args_for("debugmodel_tiny4"), hf)
     from_hf = ("--model.hf_dir", str(hf), "--checkpoint.enable", "False")
-    single = train_here(job(tmp_path / "single", *from_hf, steps=2))
+    single = train_in_this_process(job(tmp_path / "single", *from_hf, steps=2))
     pipelined = run_ranks(2, job(tmp_path / "pp2", *from_hf, "--plugins", "pipeline", "--parallelism.pp", "2", steps=2),
                           tmp_path / "result.json")
     assert_matches(pipelined, single, range(1, 3))

@@ -4,7 +4,10 @@
 gloo ranks (one subprocess each, torchrun's environment, one thread per rank) and
 returns rank 0's losses and gradient norms by step. ``python -m plait.testing OUT ARGV``
 is the per-rank entry point it launches. ``losses_resumed_in_parallel`` compares one
-process with a layout that resumes its first checkpoint.
+process with a layout that resumes its first checkpoint. ``train_in_this_process(argv)``
+is the same result of a run in this process, through ``keep_determinism_setting(run)``,
+which restores torch's deterministic-algorithms switch afterwards;
+``max_differences(run, reference)`` compares two such results step by step.
 """
 from __future__ import annotations
 
@@ -51,6 +54,34 @@ def run_ranks(world_size: int, argv: list[str], out: Path, *, timeout: float = 2
             raise AssertionError(f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}")
     raw = json.loads(Path(out).read_text())
     return {key: {int(step): value for step, value in raw[key].items()} for key in ("losses", "grad_norms")}
+
+
+def keep_determinism_setting(run):
+    """``run()``, leaving torch's deterministic-algorithms switch as it was (a
+    ``--training.deterministic`` job in this process turns it on)."""
+    import torch
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return run()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def train_in_this_process(argv: list[str]) -> dict[str, dict[int, float]]:
+    """``{"losses": {step: loss}, "grad_norms": {step: norm}}`` of a run in this process."""
+    from plait.cli import train
+
+    result = keep_determinism_setting(lambda: train(argv))
+    return {"losses": result.losses, "grad_norms": result.grad_norms}
+
+
+def max_differences(run: dict[str, dict[int, float]], reference: dict[str, dict[int, float]]) -> tuple[float, float]:
+    """Largest |Δloss| and |Δgrad norm| over the steps (which must be the same)."""
+    assert sorted(run["losses"]) == sorted(reference["losses"]), (run, reference)
+    loss = max(abs(run["losses"][s] - reference["losses"][s]) for s in reference["losses"])
+    norm = max(abs(run["grad_norms"][s] - reference["grad_norms"][s]) for s in reference["grad_norms"])
+    return loss, norm
 
 
 def losses_resumed_in_parallel(

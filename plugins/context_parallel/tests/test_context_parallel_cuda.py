@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plait.cli import train
-from plait.testing import run_ranks
+from plait.testing import keep_determinism_setting, run_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -41,11 +41,7 @@ def job(dump_folder: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        return train(job(tmp_path_factory.mktemp("single")))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+    return keep_determinism_setting(lambda: train(job(tmp_path_factory.mktemp("single"))))
 
 
 @pytest.mark.parametrize("rotate_method", ["allgather", "alltoall"])

@@ -11,10 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from plait.cli import train
-from plait.testing import run_ranks
+from plait.testing import max_differences, run_ranks, train_in_this_process
 
 STEPS = 6
 TOLERANCE = 1e-5
@@ -41,20 +39,9 @@ def job(dump_folder: Path, *extra: str, local_batch_size: int = BATCH) -> list[s
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, dict[int, float]]:
     """One process, the whole batch at once."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        result = train(job(tmp_path_factory.mktemp("single")))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-    assert sorted(result.losses) == list(range(1, STEPS + 1))
-    return {"losses": result.losses, "grad_norms": result.grad_norms}
-
-
-def max_differences(run: dict[str, dict[int, float]], reference: dict[str, dict[int, float]]) -> tuple[float, float]:
-    assert sorted(run["losses"]) == sorted(reference["losses"])
-    loss = max(abs(run["losses"][s] - reference["losses"][s]) for s in reference["losses"])
-    norm = max(abs(run["grad_norms"][s] - reference["grad_norms"][s]) for s in reference["grad_norms"])
-    return loss, norm
+    result = train_in_this_process(job(tmp_path_factory.mktemp("single")))
+    assert sorted(result["losses"]) == list(range(1, STEPS + 1))
+    return result
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from plait.checkpoint import list_checkpoints
 from plait.cli import train
-from plait.testing import run_ranks
+from plait.testing import keep_determinism_setting, max_differences, run_ranks, train_in_this_process
 
 STEPS = 6
 TOLERANCE = 1e-5
@@ -43,20 +42,12 @@ def job(dump_folder: Path, *extra: str, local_batch_size: int) -> list[str]:
     ]  # fmt: skip
 
 
-def train_in_this_process(argv: list[str]):
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        return train(argv)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, dict[int, float]]:
     """One process, the whole global batch at once."""
     result = train_in_this_process(job(tmp_path_factory.mktemp("single"), local_batch_size=GLOBAL_BATCH))
-    assert sorted(result.losses) == list(range(1, STEPS + 1))
-    return {"losses": result.losses, "grad_norms": result.grad_norms}
+    assert sorted(result["losses"]) == list(range(1, STEPS + 1))
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +56,6 @@ def ep2_run(tmp_path_factory) -> tuple[Path, dict[str, dict[int, float]]]:
     argv = job(folder, "--plugins", "ep,fsdp", "--parallelism.dp_shard", "2", "--parallelism.ep", "2",
                local_batch_size=GLOBAL_BATCH // 2)
     return folder, run_ranks(2, argv, folder / "result.json")
-
-
-def max_differences(run: dict[str, dict[int, float]], reference: dict[str, dict[int, float]]) -> tuple[float, float]:
-    assert sorted(run["losses"]) == sorted(reference["losses"])
-    loss = max(abs(run["losses"][s] - reference["losses"][s]) for s in reference["losses"])
-    norm = max(abs(run["grad_norms"][s] - reference["grad_norms"][s]) for s in reference["grad_norms"])
-    return loss, norm
 
 
 def test_ep2_matches_single_process(ep2_run, reference):
@@ -85,7 +69,7 @@ def test_ep2_checkpoint_resumes_in_a_single_process(ep2_run, reference):
     assert list_checkpoints(str(folder)) == [4, STEPS]
     shutil.rmtree(folder / f"step-{STEPS}")  # resume from step 4, saved with 4 experts per rank
 
-    resumed = train_in_this_process(job(dump_folder, local_batch_size=GLOBAL_BATCH))
+    resumed = keep_determinism_setting(lambda: train(job(dump_folder, local_batch_size=GLOBAL_BATCH)))
     assert sorted(resumed.losses) == [5, STEPS]
     for step in (5, STEPS):
         assert abs(resumed.losses[step] - sharded["losses"][step]) < TOLERANCE

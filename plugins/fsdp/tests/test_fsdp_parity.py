@@ -18,7 +18,7 @@ from plait.checkpoint import list_checkpoints
 from plait.cli import train
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
-from plait.testing import run_ranks
+from plait.testing import keep_determinism_setting, max_differences, run_ranks, train_in_this_process
 
 from plait_fsdp import parallelize, plugin
 from plait_fsdp.config import FSDPConfig
@@ -51,20 +51,9 @@ def job(dump_folder: Path, *extra: str, local_batch_size: int) -> list[str]:
 def reference(tmp_path_factory) -> dict[str, dict[int, float]]:
     """One process, the whole global batch at once."""
     folder = tmp_path_factory.mktemp("single")
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        result = train(job(folder, local_batch_size=GLOBAL_BATCH))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-    assert sorted(result.losses) == list(range(1, STEPS + 1))
-    return {"losses": result.losses, "grad_norms": result.grad_norms}
-
-
-def max_differences(run: dict[str, dict[int, float]], reference: dict[str, dict[int, float]]) -> tuple[float, float]:
-    assert sorted(run["losses"]) == sorted(reference["losses"])
-    loss = max(abs(run["losses"][s] - reference["losses"][s]) for s in reference["losses"])
-    norm = max(abs(run["grad_norms"][s] - reference["grad_norms"][s]) for s in reference["grad_norms"])
-    return loss, norm
+    result = train_in_this_process(job(folder, local_batch_size=GLOBAL_BATCH))
+    assert sorted(result["losses"]) == list(range(1, STEPS + 1))
+    return result
 
 
 @pytest.mark.parametrize(
@@ -122,11 +111,7 @@ def test_fsdp_checkpoint_resumes_in_a_single_process(fsdp2_run, reference):
     assert list_checkpoints(str(folder)) == [4, STEPS]
     shutil.rmtree(folder / f"step-{STEPS}")  # resume from step 4, saved by two ranks
 
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        resumed = train(job(dump_folder, local_batch_size=GLOBAL_BATCH))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+    resumed = keep_determinism_setting(lambda: train(job(dump_folder, local_batch_size=GLOBAL_BATCH)))
     assert sorted(resumed.losses) == [5, STEPS]
     for step in (5, STEPS):
         assert abs(resumed.losses[step] - sharded["losses"][step]) < TOLERANCE
