@@ -72,6 +72,27 @@ def peak_memory_bytes(device_type: str) -> int:
     return 0
 
 
+def reset_peak_memory(device_type: str) -> None:
+    """Start a new peak-memory window for ``peak_memory_bytes``.
+
+    On CPU this needs Linux (``/proc/self/clear_refs``); elsewhere the CPU peak stays
+    the peak since the process started.
+    """
+    if device_type == "cpu":
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # 5 = reset the peak resident set size
+        except OSError:
+            pass
+        return
+    import torch
+
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif _accelerator_is(device_type):
+        torch.accelerator.reset_peak_memory_stats()
+
+
 def _accelerator_is(device_type: str) -> bool:
     import torch
 
