@@ -124,7 +124,7 @@ def child_env(threads: int, plait_data: str = "files", device: str = "cpu") -> d
 
 def run_system(system: str, python: str, job_file: Path, assets: Path, threads: int, tag: str,
                plait_data: str = "files") -> dict:
-    """One training run in a fresh process; its result with tokens/s, TTFS and peak RSS."""
+    """One training run in a fresh process; its result with tokens/s, TTFS and peak memory."""
     result_file, log_file = assets / f"{tag}.json", assets / f"{tag}.log"
     job = Job.from_json(job_file.read_text())
     with open(log_file, "w") as log:
