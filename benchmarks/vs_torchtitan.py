@@ -5,15 +5,16 @@
         [--device cpu|cuda] [--dtype float32|bfloat16] [--compile]
 
 For each job (``vs_torchtitan_jobs.py``: plait's llama3 ``debugmodel``, a ~100M model
-for CPUs and a ~1B model for one GPU) it writes plait's embedded corpus and tokenizer to files both systems read, then
-runs plait and torchtitan as separate processes, one after the other, alternating which
-goes first, ``--repeats`` times, with the same thread count. Between the pairs it times
-the job's matmuls (``gemm_throughput.py``). It prints, per system, the medians of:
-steady-state tokens/s (warm-up steps left out), time to first step (process start to the
-end of step 1), peak memory (RSS on CPU, ``max_memory_allocated`` on a GPU), the loss at the first and last step, MFU against the nominal
-peak and against the measured matmul throughput, and the median over the repeats of the
-ratio plait/torchtitan of each pair. It checks that both systems built the same number
-of parameters, trained on the same first batch and followed the same learning rates.
+for CPUs and a ~1B model for one GPU) it writes plait's embedded corpus and tokenizer to
+files both systems read, then runs plait and torchtitan as separate processes, one after
+the other, alternating which goes first, ``--repeats`` times, with the same thread count.
+Between the pairs it times the job's matmuls (``gemm_throughput.py``). It prints, per
+system, the medians of: steady-state tokens/s (warm-up steps left out), time to first
+step (process start to the end of step 1), peak memory (RSS on CPU,
+``max_memory_allocated`` on a GPU), the loss at the first and last step, MFU against the
+nominal peak and against the measured matmul throughput, and the median over the repeats
+of the ratio plait/torchtitan of each pair. It checks that both systems built the same
+number of parameters, trained on the same first batch and followed the same learning rates.
 
 torchtitan (0.3.0, with its dependencies) lives in its own environment: its pins clash
 with plait's. It is an optional benchmark dependency, not a dependency of any plait
