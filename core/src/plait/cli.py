@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from plait.errors import ConfigError, PlaitError
 
@@ -43,6 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     except PlaitError as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def program() -> NoReturn:
+    """The `plait` executable: ``main()`` and its exit code."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> NoReturn:
+    """Leave with ``code``. A rank of a distributed run (WORLD_SIZE > 1) leaves with
+    ``os._exit`` once its output is flushed: gloo and NCCL state freed during interpreter
+    finalization can abort a process (SIGABRT, "terminate called without an active
+    exception") whose run has already finished and saved, and the launcher would then
+    report the run as failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # --------------------------------------------------------------------------- selection
@@ -195,6 +215,8 @@ def train(argv: list[str]):
         return trainer.train()
     finally:
         trainer.close()
+        del trainer
+        gc.collect()  # free what held process groups and tensors while the interpreter is whole
 
 
 def plugins_command(argv: list[str]) -> int:
@@ -297,4 +319,4 @@ def _run_config_of(checkpoint: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -106,13 +106,14 @@ def _rank_main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from plait.cli import train
+    from plait.cli import exit_process, train
 
     out, argv = sys.argv[1], sys.argv[2:]
     result = train(argv)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, f)
+    exit_process(0)
 
 
 if __name__ == "__main__":
