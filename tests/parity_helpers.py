@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from plait.cli import resolve_train_config
+from plait.cli import exit_process, resolve_train_config
 from plait.testing import free_port, keep_determinism_setting, max_differences, train_in_this_process
 
 __all__ = [
@@ -81,6 +81,7 @@ def _gradient_rank(rank: int, world_size: int, port: int, argv: list[str], folde
     gradients = first_step_gradients(argv)
     if rank == 0:
         torch.save(gradients, os.path.join(folder, "gradients.pt"))
+    exit_process(0)  # WORLD_SIZE is set: without the interpreter's teardown
 
 
 def distributed_first_step_gradients(world_size: int, argv: list[str], folder: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from plait.cli import exit_process
 from plait.checkpoint import CheckpointManager, list_checkpoints, load_model_state
 from plait.checkpoint.plain_state import join_tensors, split_tensors
 from plait.config import CheckpointSection
@@ -544,6 +545,7 @@ def _rank_main(rank: int, tmp: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_process(0, distributed=True)  # without the interpreter's teardown
 
 
 def test_fsdp2_world_2_loads_single_process_checkpoint_and_back(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from plait.cli import exit_process
 from plait.config import ParallelismSection
 from plait.errors import ConfigError, PlaitError
 from plait.parallel_dims import MESH_NAMES, MeshNotAvailableError, ParallelDims
@@ -425,6 +426,7 @@ def _gloo_rank(rank: int, world_size: int, port: int) -> None:
                     assert got == set(row.tolist()), (section, key, dim, got)
     finally:
         dist.destroy_process_group()
+    exit_process(0, distributed=True)  # without the interpreter's teardown
 
 
 def _free_port() -> int:

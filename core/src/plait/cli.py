@@ -51,13 +51,15 @@ def program() -> NoReturn:
     exit_process(main())
 
 
-def exit_process(code: int) -> NoReturn:
-    """Leave with ``code``. A rank of a distributed run (WORLD_SIZE > 1) leaves with
-    ``os._exit`` once its output is flushed: gloo and NCCL state freed during interpreter
-    finalization can abort a process (SIGABRT, "terminate called without an active
-    exception") whose run has already finished and saved, and the launcher would then
-    report the run as failed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def exit_process(code: int, *, distributed: bool | None = None) -> NoReturn:
+    """Leave with ``code``. A rank of a distributed run (by default: WORLD_SIZE > 1)
+    leaves with ``os._exit`` once its output is flushed: gloo and NCCL state freed during
+    interpreter finalization can abort a process (SIGABRT, "terminate called without an
+    active exception") whose run has already finished and saved, and the launcher would
+    then report the run as failed."""
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from plait.cli import exit_process
 from plait.model_spec import ModelSpec
 from plait.nn import ScaledDotProductAttention
 from plait.testing import free_port
@@ -130,6 +131,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
         dist.barrier()  # gloo aborts a rank whose peer tears the group down while it still works
     finally:
         dist.destroy_process_group()
+    exit_process(0, distributed=True)  # without the interpreter's teardown
 
 
 @pytest.fixture(scope="module")

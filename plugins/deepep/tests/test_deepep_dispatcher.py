@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from plait.cli import exit_process
 from plait.nn.moe import MoE, MoEArgs
 from plait.testing import free_port
 
@@ -93,9 +93,7 @@ def _rank(rank: int, port: int, folder: str, shared_experts: int, overlap: bool,
         dist.barrier()  # gloo aborts a rank whose peer tears the group down while it still works
     finally:
         dist.destroy_process_group()
-    # Leave without the interpreter's teardown: a rank once died in it (SIGABRT, "terminate
-    # called without an active exception") after its results were written.
-    os._exit(0)
+    exit_process(0, distributed=True)  # without the interpreter's teardown
 
 
 BACKENDS = [

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from plait.cli import exit_process
 from plait.nn.moe import MoE, MoEArgs
 from plait.testing import run_ranks
 
@@ -81,6 +82,7 @@ def _rank(rank: int, init_file: str, folder: str, backend: str, shared_experts: 
         dist.barrier()  # gloo aborts a rank whose peer tears the group down while it still works
     finally:
         dist.destroy_process_group()
+    exit_process(0, distributed=True)  # without the interpreter's teardown
 
 
 def test_compiled_moe_layer_matches_eager(tmp_path: Path) -> None:

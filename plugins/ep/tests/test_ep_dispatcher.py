@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from plait.cli import exit_process
 from plait.nn.moe import LocalTokenDispatcher, Routing, count_tokens_per_expert
 
 from plait_ep.dispatcher import AllToAllTokenDispatcher
@@ -71,6 +72,7 @@ def _rank(rank: int, init_file: str, results: str) -> None:
         dist.barrier()  # gloo aborts a rank whose peer tears the group down while it still works
     finally:
         dist.destroy_process_group()
+    exit_process(0, distributed=True)  # without the interpreter's teardown
 
 
 def test_dispatch_and_combine_match_local_experts(tmp_path: Path) -> None:
