@@ -56,10 +56,10 @@ def worker(out: str, argv: list[str]) -> None:
     from plait.cli import resolve_train_config
     from plait.train import Trainer
 
-    manager, spec, config = resolve_train_config(argv)
+    job = resolve_train_config(argv)
     timer = StepTimer()
-    manager.register_object(timer, "step_timer")
-    trainer = Trainer(config, manager, spec)
+    job.plugins.register_object(timer, "step_timer")
+    trainer = Trainer(job)
     try:
         trainer.train()
     finally:

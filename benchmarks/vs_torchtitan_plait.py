@@ -108,13 +108,14 @@ def main() -> None:
     from plait.train import Trainer
 
     data = os.environ.get("VS_TORCHTITAN_PLAIT_DATA", "files")
-    manager, spec, config = resolve_train_config(plait_argv(job, assets, data))
+    resolved = resolve_train_config(plait_argv(job, assets, data))
+    manager, spec, config = resolved.plugins, resolved.spec, resolved.config
     check_shape(spec.args_for(config.model.flavor), job)
     timer = StepTimer(torch.cuda.synchronize if job.device == "cuda" else (lambda: None))
     manager.register_object(timer, "vs_torchtitan_timer")
     setup_logging(0)
     write_resolved_config(config, manager)
-    trainer = Trainer(config, manager, spec)
+    trainer = Trainer(resolved)
     if trainer.device.type != job.device:
         raise SystemExit(f"plait trains on {trainer.device.type}, the job is for {job.device}")
     try:

@@ -58,8 +58,7 @@ def first_step_gradients(argv: list[str]) -> dict[str, torch.Tensor]:
     """Full gradients of every parameter after the first micro-batch's backward."""
     from plait.train import Trainer
 
-    manager, spec, config = resolve_train_config(argv)
-    trainer = Trainer(config, manager, spec)
+    trainer = Trainer(resolve_train_config(argv))
     try:
         model = trainer.model_parts[0]
         inputs, labels = next(trainer.batches())

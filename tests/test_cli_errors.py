@@ -49,13 +49,13 @@ def test_config_errors_exit_2_before_work(tmp_path, capsys, extra, expected):
     assert not (tmp_path / "run").exists()
 
 
-def test_degree_without_plugin_names_package_and_flag(tmp_path, capsys, monkeypatch):
+def test_degree_without_an_installed_plugin_points_to_the_plugin_list(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "llama3")  # as if plait-tp were not installed
     code, output = run(["train", *tiny_job(tmp_path), "--parallelism.dp_shard", "1", "--parallelism.tp", "2"], capsys)
     assert code == 2
     assert "--parallelism.tp 2 needs a plugin that provides 'tp'" in output
-    assert "--plugins tp" in output and "pip install plait-tp" in output
+    assert "no installed plugin provides it" in output and "docs/plugins.md" in output and "--plugins" in output
 
 
 def test_unknown_recipe(capsys):

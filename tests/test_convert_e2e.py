@@ -50,7 +50,7 @@ def test_training_starts_from_hf_weights_and_refuses_a_mismatch(tmp_path):
 
     from plait.config import DataSection
     from plait.data import build_dataloader, build_tokenizer
-    from plait.train import token_cross_entropy
+    from plait.step import token_cross_entropy
 
     tokenizer = build_tokenizer("")
     inputs, labels = next(build_dataloader(DataSection(), tokenizer, seq_len=64, local_batch_size=4,

@@ -8,7 +8,7 @@ import torch
 from plait.cli import main, resolve_train_config
 from plait.memory_watch import MemoryWatch
 from plait.plan import plan
-from plait.train import model_args_for, token_cross_entropy
+from plait.step import token_cross_entropy
 
 pytest.importorskip("plait_fsdp")
 pytest.importorskip("plait_tp")
@@ -18,8 +18,7 @@ TINY = ["--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny",
 
 
 def planned(world_size, *argv, ranks=None):
-    manager, spec, config = resolve_train_config(list(argv), world_size=world_size, prog="plait plan")
-    return plan(config, manager, spec, world_size, ranks=ranks)
+    return plan(resolve_train_config(list(argv), world_size=world_size, prog="plait plan"), ranks=ranks)
 
 
 def run(argv, capsys):
@@ -33,9 +32,9 @@ def run(argv, capsys):
 
 def test_one_process_plan_matches_a_real_step():
     result = planned(1, *TINY)
-    manager, spec, config = resolve_train_config(TINY, world_size=1)
+    job = resolve_train_config(TINY, world_size=1)
     torch.manual_seed(0)
-    model = spec.build(model_args_for(spec, config))
+    model = job.spec.build(job.model_args)
     tokens = torch.randint(0, 2048, (2, 65))
     with MemoryWatch() as watch:
         watch.adopt([*model.parameters(), *model.buffers()])

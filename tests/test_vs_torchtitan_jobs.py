@@ -101,7 +101,7 @@ def test_plait_options_are_the_job(tmp_path: Path, data: str, compile: bool) -> 
 
     job = JOBS["debugmodel"].with_overrides(compile=compile)
     (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
-    _, _, config = resolve_train_config(plait_argv(job, tmp_path, data), world_size=1)
+    config = resolve_train_config(plait_argv(job, tmp_path, data), world_size=1).config
     training, optimizer = config.training, config.optimizer
     assert (config.model.name, config.model.flavor) == ("llama3", job.plait_flavor)
     assert (training.steps, training.seq_len, training.local_batch_size) == (job.steps, job.seq_len, job.batch_size)

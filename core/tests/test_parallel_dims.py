@@ -43,7 +43,6 @@ def test_405b_style_fsdp_times_tp_on_512_ranks() -> None:
     assert pd.enabled_dims() == ["dp_shard", "tp"]
     assert pd.dp_degree == 64
     assert pd.non_data_parallel_size == 8
-    assert pd.seq_len_divisor == 16
     assert pd.fsdp_enabled and pd.tp_enabled and not pd.pp_enabled and not pd.ep_enabled
 
 
@@ -61,7 +60,6 @@ def test_hsdp_with_context_parallel_derives_sizes() -> None:
     assert pd.dp_degree == 4
     assert pd.dp_replicate_enabled and pd.cp_enabled
     assert pd.non_data_parallel_size == 4
-    assert pd.seq_len_divisor == 8
 
 
 def test_context_parallel_alone_still_shards_parameters() -> None:

@@ -5,15 +5,9 @@ rely on that. Heavy pieces are imported where they are used.
 """
 from __future__ import annotations
 
-import pluggy
+from plait.hookspecs import PLUGIN_API_VERSION, hookimpl
 
 __version__ = "0.1.0"
-
-#: Major version of the hook API. A plugin declares the version it was built for
-#: (module attribute ``PLAIT_API_VERSION``); another major version is refused at load.
-PLUGIN_API_VERSION = 1
-
-hookimpl = pluggy.HookimplMarker("plait")
 
 
 def from_pretrained(model_name: str, hf_dir: str, **kwargs):

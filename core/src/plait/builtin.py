@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from plait import hookimpl
+from plait.hookspecs import hookimpl
 
 PLAIT_API_VERSION = 1
 PROVIDES = ("device:cpu", "device:cuda")
@@ -56,53 +56,61 @@ def peak_flops(device_type: str, device_name: str, dtype: str) -> float:
     return cpu_peak_per_thread() * torch.get_num_threads()
 
 
-@hookimpl(trylast=True)
-def plait_device(config: Any):
-    import torch
+class CorePlugin:
+    """The core's hook implementations; the plugin manager registers one, as
+    ``plait.builtin``, before any other plugin."""
 
-    from plait.train_state import DeviceInfo
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
 
-    dtype = config.training.dtype
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return DeviceInfo(type="cuda", backend="nccl", peak_flops=peak_flops("cuda", name, dtype), name=name)
-    return DeviceInfo(type="cpu", backend="gloo", peak_flops=peak_flops("cpu", "cpu", dtype), name="cpu")
+    @hookimpl(trylast=True)
+    def plait_device(self, config: Any):
+        import torch
 
+        from plait.train_state import DeviceInfo
 
-@hookimpl
-def plait_train_context(config: Any, parallel_dims: Any, ctx: Any):
-    """bf16 compute through autocast, unless FSDP applies its own mixed precision."""
-    if config.training.dtype != "bfloat16" or parallel_dims.fsdp_enabled:
-        return None
-    import torch
+        dtype = config.training.dtype
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            return DeviceInfo(type="cuda", backend="nccl", peak_flops=peak_flops("cuda", name, dtype), name=name)
+        return DeviceInfo(type="cpu", backend="gloo", peak_flops=peak_flops("cpu", "cpu", dtype), name="cpu")
 
-    device_type = ctx.inputs.device.type if ctx.inputs is not None else "cpu"
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    @hookimpl
+    def plait_train_context(self, config: Any, parallel_dims: Any, ctx: Any):
+        """bf16 compute through autocast, unless a plugin applies the compute dtype itself
+        (``RunNeeds.applies_compute_dtype``, e.g. FSDP's parameter dtype)."""
+        if config.training.dtype != "bfloat16" or ctx.needs.applies_compute_dtype:
+            return None
+        import torch
 
+        device_type = ctx.inputs.device.type if ctx.inputs is not None else "cpu"
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
-@hookimpl
-def plait_train_step(ctx: Any) -> None:
-    from plait.train import run_train_step
+    @hookimpl(trylast=True)
+    def plait_train_step(self, ctx: Any) -> Any:
+        from plait.step import refuse_plain_implementations, run_train_step
 
-    run_train_step(ctx)
+        refuse_plain_implementations(self.hook.plait_train_step)
+        return run_train_step(ctx)
 
+    @hookimpl
+    def plait_after_optimizer_step(self, ctx: Any) -> None:
+        """Mixture-of-experts bookkeeping: expert-bias update and routing-balance metrics."""
+        from plait.nn.moe import finish_moe_step
 
-@hookimpl
-def plait_after_optimizer_step(ctx: Any) -> None:
-    """Mixture-of-experts bookkeeping: expert-bias update and routing-balance metrics."""
-    from plait.nn.moe import finish_moe_step
+        dp_mesh = ctx.parallel_dims.get_optional_mesh("dp_cp")
+        moe = finish_moe_step(
+            ctx.model_parts,
+            bias_update_rate=ctx.config.moe.load_balance_coeff,
+            group=dp_mesh.get_group() if dp_mesh is not None else None,
+        )
+        if moe is not None:
+            ctx.results.setdefault("metrics", {}).update(moe.summary)
+            ctx.results.setdefault("metric_details", {}).update(moe.per_layer)
 
-    dp_mesh = ctx.parallel_dims.get_optional_mesh("dp_cp")
-    moe = finish_moe_step(
-        ctx.model_parts,
-        bias_update_rate=ctx.config.moe.load_balance_coeff,
-        group=dp_mesh.get_group() if dp_mesh is not None else None,
-    )
-    if moe is not None:
-        ctx.results.setdefault("metrics", {}).update(moe.summary)
-        ctx.results.setdefault("metric_details", {}).update(moe.per_layer)
+    @hookimpl(trylast=True)
+    def plait_checkpoint_save(self, checkpointer: Any, step: int, force: bool) -> bool:
+        from plait.step import refuse_plain_implementations
 
-
-@hookimpl
-def plait_checkpoint_save(checkpointer: Any, step: int, force: bool) -> None:
-    checkpointer.save(step, force=force)
+        refuse_plain_implementations(self.hook.plait_checkpoint_save)
+        return checkpointer.save(step, force=force)

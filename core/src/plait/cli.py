@@ -154,9 +154,10 @@ def parse_config(manager, base, argv: list[str], *, prog: str = "plait train"):
 
 
 def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog: str = "plait train"):
-    """Phase 1 + phase 2 + every check that runs before any work. -> (manager, spec, config).
+    """Phase 1 + phase 2 + every check that runs before any work, once: the resolved ``Job``.
     The world size is torchrun's unless given."""
-    from plait.train import validate_job, world_size_from_env
+    from plait.job import resolve_job
+    from plait.train import world_size_from_env
 
     selection, rest = parse_selection(argv)
     manager, base = select_plugins(selection)
@@ -164,8 +165,7 @@ def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog
         rest = [*rest, "--help"]
     config = parse_config(manager, base, rest, prog=prog)  # --help prints and exits here
     spec = manager.model_spec(config.model.name)
-    validate_job(config, manager, spec, world_size_from_env() if world_size is None else world_size)
-    return manager, spec, config
+    return resolve_job(config, manager, spec, world_size_from_env() if world_size is None else world_size)
 
 
 def write_resolved_config(config, manager) -> str:
@@ -204,7 +204,8 @@ def train_command(argv: list[str]) -> int:
 
 def train(argv: list[str]):
     """`plait train ARGV` in this process; returns the ``TrainResult`` (losses by step)."""
-    manager, spec, config = resolve_train_config(argv)
+    job = resolve_train_config(argv)
+    config, manager = job.config, job.plugins
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     if rank == 0:
@@ -212,7 +213,7 @@ def train(argv: list[str]):
         logger.info("plugins: %s; resolved config: %s", ", ".join(manager.enabled), path)
     from plait.train import Trainer
 
-    trainer = Trainer(config, manager, spec)
+    trainer = Trainer(job)
     try:
         return trainer.train()
     finally:
@@ -269,10 +270,10 @@ def plan_command(argv: list[str]) -> int:
         raise ConfigError("plait plan needs the number of ranks to plan for: --world-size N (e.g. --world-size 512)")
     if known.device_memory_gib < 0:
         raise ConfigError(f"--device-memory-gib must be >= 0, got {known.device_memory_gib}")
-    manager, spec, config = resolve_train_config(rest, world_size=known.world_size, prog="plait plan")
+    job = resolve_train_config(rest, world_size=known.world_size, prog="plait plan")
     from plait.plan import format_plan, plan
 
-    result = plan(config, manager, spec, known.world_size)
+    result = plan(job)
     print(format_plan(result, device_memory_gib=known.device_memory_gib))
     if known.json:
         with open(known.json, "w") as f:

@@ -12,19 +12,24 @@ Calling conventions used below:
   results.
 - **first result wins** (``firstresult=True``): implementations run until one returns
   something other than None; that value is used. Used for "who builds X".
-- **wrapper-friendly**: implement with ``@hookimpl(wrapper=True)`` to run code around the
-  core's behaviour (``result = yield``), e.g. fault tolerance or profiling around a step.
+- **replace or wrap** (``firstresult=True``, the core's own implementation ``trylast``):
+  wrap the core's behaviour with ``@hookimpl(wrapper=True)`` (``result = yield``, then
+  return it), e.g. fault tolerance or profiling around a step; or replace it with a plain
+  implementation that returns a result. A plain implementation that returns None would let
+  the core's work run after it, beside it by accident: the core refuses that with an error
+  naming the plugin.
 
 All hooks are called with keyword arguments; an implementation may accept any subset of
 the documented parameters. Every hook name starts with ``plait_``; ``check_pending()``
 runs after plugins load, so a misspelled implementation is an error.
 
-A plugin module also declares three constants, read by the plugin manager:
+A plugin module also declares these constants, read by the plugin manager:
 
 - ``PLAIT_API_VERSION`` (int): the major hook-API version it was written for;
 - ``PROVIDES`` (tuple of str): capabilities, e.g. ``("dp_shard", "dp_replicate")``,
   ``("tp",)``, ``("model:llama3",)``;
-- ``REQUIRES`` (tuple of str): names of other plugins that must be enabled with it.
+- ``REQUIRES`` (tuple of str): names of other plugins that must be enabled with it;
+- ``DESCRIPTION`` (str): one line for ``plait plugins``.
 """
 from __future__ import annotations
 
@@ -37,11 +42,18 @@ if TYPE_CHECKING:  # only for annotations; keeps this module import-light
     from torch import nn
 
     from plait.config import JobConfig
+    from plait.job import Job
     from plait.model_spec import ModelSpec
     from plait.parallel_dims import ParallelDims
-    from plait.train_state import DeviceInfo, PipelineResult, StepContext
+    from plait.train_state import DeviceInfo, PipelineResult, RunNeeds, StepContext
+
+#: Major version of the hook API. A plugin declares the version it was built for
+#: (module attribute ``PLAIT_API_VERSION``); another major version is refused at load.
+PLUGIN_API_VERSION = 1
 
 hookspec = pluggy.HookspecMarker("plait")
+hookimpl = pluggy.HookimplMarker("plait")
+"""Marks a plugin's hook implementations (re-exported as ``plait.hookimpl``)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -53,9 +65,9 @@ hookspec = pluggy.HookspecMarker("plait")
 def plait_register_models(register: Callable[[ModelSpec], None]) -> None:
     """Register model specs: call ``register(spec)`` once per model. collect-all.
 
-    The plugin manager calls each enabled plugin's implementation with its own
-    ``register``, so it knows who registered what: a name registered twice raises an
-    error that names both plugins.
+    The plugin manager calls the hook once per enabled plugin (through pluggy, restricted
+    to that plugin) with its own ``register``, so it knows who registered what: a name
+    registered twice raises an error that names both plugins.
     """
 
 
@@ -76,10 +88,23 @@ def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
 
 
 @hookspec
-def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
+    """Declare what this plugin needs from the core for this run: a ``RunNeeds`` (how many
+    parts it cuts each sequence into, whether it applies the compute dtype itself, whether
+    compiled blocks must allow graph breaks), or None. collect-all; the core combines the
+    answers (``RunNeeds.combine``) and acts on them, so it never asks which plugin is on.
+    """
+
+
+@hookspec
+def plait_validate(
+    config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec, job: Job
+) -> None:
     """Check this plugin's constraints; raise ``ConfigError`` with the fix. collect-all.
 
-    Example: the tp plugin checks that ``tp`` divides the head counts of the model.
+    ``job`` is the run resolved once (model args of this run, accumulation, combined
+    needs, ``job.meta_model`` for checks that read the model's structure). Example: the tp
+    plugin checks that ``tp`` divides the head counts of the model.
     """
 
 
@@ -144,6 +169,7 @@ def plait_pipeline_split(
     parallel_dims: ParallelDims,
     model_spec: ModelSpec,
     device: torch.device,
+    job: Job,
 ) -> PipelineResult | None:
     """Cut the model into this rank's stages and build a schedule. first result wins.
 
@@ -219,11 +245,12 @@ def plait_forward_backward(ctx: StepContext) -> torch.Tensor | None:
     """
 
 
-@hookspec
-def plait_train_step(ctx: StepContext) -> None:
-    """Wrapper-friendly hook around one whole optimizer step (all micro-batches, clipping,
-    optimizer step). The core's own implementation does the work; wrap it with
-    ``@hookimpl(wrapper=True)`` for fault tolerance, profiling or timing."""
+@hookspec(firstresult=True)
+def plait_train_step(ctx: StepContext) -> torch.Tensor | None:
+    """One whole optimizer step (all micro-batches, clipping, optimizer step); returns the
+    step's summed loss (also in ``ctx.results["loss"]``). replace or wrap: the core's
+    implementation runs last; wrap it (``wrapper=True``) for fault tolerance, profiling
+    or timing, or replace it by returning the loss yourself."""
 
 
 @hookspec
@@ -254,11 +281,12 @@ def plait_checkpoint_state(config: JobConfig) -> dict[str, Any] | None:
     checkpoint, keyed by a unique name. collect-all."""
 
 
-@hookspec
-def plait_checkpoint_save(checkpointer: Any, step: int, force: bool) -> None:
-    """Wrapper-friendly hook around each checkpoint save point (after every step). The
-    core's implementation calls ``checkpointer.save(step, force=force)``, which saves on
-    the interval, at the last step and on a stop signal."""
+@hookspec(firstresult=True)
+def plait_checkpoint_save(checkpointer: Any, step: int, force: bool) -> bool | None:
+    """Each checkpoint save point (after every step); returns whether a checkpoint was
+    written. replace or wrap: the core's implementation (last) calls
+    ``checkpointer.save(step, force=force)``, which saves on the interval, at the last step
+    and on a stop signal."""
 
 
 # ---------------------------------------------------------------------------------------

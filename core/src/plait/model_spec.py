@@ -75,6 +75,10 @@ class ModelSpec:
     flops_per_token: Callable[[Any, int], float]
     #: attribute of the model holding its repeated blocks (an nn.ModuleDict or ModuleList)
     block_container: str = "layers"
+    #: the model-args field that follows the run's ``--training.seq_len`` (e.g. the length of
+    #: a RoPE table, ``"max_seq_len"``); None keeps the flavor's value whatever the run's length
+    #: (a learned position table, whose shape is part of the weights)
+    seq_len_arg: str | None = None
     tp_plan: TPPlan | None = None
     #: module paths that begin a new pipeline stage, given args and the number of stages
     pipeline_split_points: Callable[[Any, int], list[str]] | None = None
@@ -106,6 +110,41 @@ class ModelSpec:
                 + ", ".join(sorted(self.flavors))
             )
         return self.flavors[flavor]
+
+    def args_for_run(self, flavor: str, seq_len: int) -> Any:
+        """The flavor's args, with ``seq_len_arg`` (if declared) set to the run's sequence length."""
+        import dataclasses
+
+        from plait.errors import ConfigError
+
+        args = self.args_for(flavor)
+        if self.seq_len_arg is None:
+            return args
+        if not (dataclasses.is_dataclass(args) and self.seq_len_arg in {f.name for f in dataclasses.fields(args)}):
+            raise ConfigError(
+                f"model {self.name!r} declares seq_len_arg={self.seq_len_arg!r}, but its args "
+                f"({type(args).__name__}) have no such dataclass field; fix the model spec"
+            )
+        return dataclasses.replace(args, **{self.seq_len_arg: seq_len})
+
+    def build_meta(self, args: Any) -> nn.Module:
+        """The model on the meta device: structure and shapes, no memory."""
+        import torch
+
+        with torch.device("meta"):
+            return self.build(args)
+
+    def build_initialized(self, args: Any, *, device: str | torch.device = "cpu") -> nn.Module:
+        """The model materialized on ``device`` and initialized by its ``init_weights``
+        (which also fills buffers no checkpoint holds, such as RoPE tables), leaving the
+        caller's RNG stream where it was."""
+        import torch
+
+        model = self.build_meta(args)
+        model.to_empty(device=device)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.init_weights()
+        return model
 
 
 def even_split_points(model: str, n_layers: int, num_stages: int, *, container: str = "layers",

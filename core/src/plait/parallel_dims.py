@@ -171,12 +171,6 @@ class ParallelDims:
     def non_data_parallel_size(self) -> int:
         return self.cp * self.tp * self.pp
 
-    @property
-    def seq_len_divisor(self) -> int:
-        """Sequence parallel splits the sequence over tp ranks and load-balanced context
-        parallel into 2 × cp chunks, so seq_len must be a multiple of this."""
-        return self.tp * 2 * self.cp
-
     def enabled_dims(self) -> list[str]:
         return [name for name in (*DENSE_DIMS, "ep") if getattr(self, name) > 1]
 

@@ -22,20 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.config import JobConfig
+from plait.job import Job
 from plait.memory_watch import MemoryWatch
 from plait.model_spec import ModelSpec
 from plait.parallel_dims import ParallelDims
-from plait.plugins import PluginManager
-from plait.train import (
-    build_model_parts,
-    forward_backward_micro_batch,
-    train_contexts,
-    grad_accumulation_steps,
-    model_args_for,
-    token_cross_entropy,
-    validate_job,
-)
+from plait.step import forward_backward_micro_batch, token_cross_entropy, train_contexts
 from plait.train_state import PipelineResult, StepContext
 
 #: Optimizer state tensors per parameter, each of the parameter's dtype.
@@ -98,18 +89,17 @@ class Plan:
         return document
 
 
-def plan(config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size: int,
-         *, ranks: list[int] | None = None) -> Plan:
-    """The plan of ``config`` on ``world_size`` ranks; ``ranks`` defaults to the first
+def plan(job: Job, *, ranks: list[int] | None = None) -> Plan:
+    """The plan of ``job`` (resolved for its world size); ``ranks`` defaults to the first
     rank of every pipeline stage."""
     start = time.perf_counter()
-    parallel_dims = validate_job(config, manager, spec, world_size)
-    config = copy.deepcopy(config)
+    config = copy.deepcopy(job.config)
     config.compile.enable = False  # compile fuses kernels; it does not change what is sharded
-    model_args = model_args_for(spec, config)
-    with torch.device("meta"):
-        total_parameters = sum(p.numel() for p in spec.build(model_args).parameters())
-    accumulation = grad_accumulation_steps(config, parallel_dims)
+    job = dataclasses.replace(job, config=config)
+    spec, model_args, parallel_dims = job.spec, job.model_args, job.parallel_dims
+    world_size = parallel_dims.world_size
+    total_parameters = sum(p.numel() for p in job.meta_model.parameters())
+    accumulation = job.grad_accumulation_steps
     stage_size = world_size // parallel_dims.pp
     result = Plan(
         model=spec.name,
@@ -121,8 +111,7 @@ def plan(config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size:
         seq_len=config.training.seq_len,
         local_batch_size=config.training.local_batch_size,
         grad_accumulation_steps=accumulation,
-        tokens_per_step=accumulation * config.training.local_batch_size * config.training.seq_len
-        * parallel_dims.dp_degree,
+        tokens_per_step=job.tokens_per_step,
         flops_per_token=spec.flops_per_token(model_args, config.training.seq_len),
         activation_checkpoint=config.activation_checkpoint.mode,
         dtype=config.training.dtype,
@@ -130,20 +119,22 @@ def plan(config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size:
     for rank in ranks if ranks is not None else [stage * stage_size for stage in range(parallel_dims.pp)]:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the world of {world_size} ranks")
-        rank_plan, result.meshes = _simulate_rank(rank, config, manager, spec, world_size, model_args, accumulation)
+        rank_plan, result.meshes = _simulate_rank(rank, job)
         result.ranks.append(rank_plan)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _simulate_rank(rank: int, config: JobConfig, manager: PluginManager, spec: ModelSpec, world_size: int,
-                   model_args: Any, accumulation: int) -> tuple[RankPlan, dict[str, int]]:
+def _simulate_rank(rank: int, job: Job) -> tuple[RankPlan, dict[str, int]]:
     """This rank's plan and the sizes of the meshes it built."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     if dist.is_initialized():
         raise RuntimeError("plait plan simulates ranks itself; run it without torchrun")
-    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
+    config, manager, spec = job.config, job.plugins, job.spec
+    world_size = job.parallel_dims.world_size
+    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)  # fresh meshes per simulated rank
+    job = dataclasses.replace(job, parallel_dims=parallel_dims)
     if world_size > 1:
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
@@ -151,11 +142,8 @@ def _simulate_rank(rank: int, config: JobConfig, manager: PluginManager, spec: M
             parallel_dims.build_mesh("cpu")
             manager.hook.plait_mesh_built(parallel_dims=parallel_dims, config=config)
         meshes = {name: parallel_dims.get_mesh(name).size() for name in parallel_dims.mesh_names()}
-        parts, pipeline = build_model_parts(
-            config, spec, parallel_dims, manager.hook, model_args=model_args, device=torch.device("cpu"),
-            grad_accumulation_steps=accumulation,
-        )
-        return _measure(rank, parts, pipeline, config, manager, spec, parallel_dims, accumulation, model_args), meshes
+        parts, pipeline = job.build_model_parts(torch.device("cpu"))
+        return _measure(rank, parts, pipeline, job), meshes
     finally:
         if world_size > 1:
             dist.destroy_process_group()
@@ -171,10 +159,11 @@ def _forget_meshes() -> None:
     torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ fast path's copy
 
 
-def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None, config: JobConfig,
-             manager: PluginManager, spec: ModelSpec, parallel_dims: ParallelDims, accumulation: int,
-             model_args: Any) -> RankPlan:
+def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None, job: Job) -> RankPlan:
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config, spec, parallel_dims, model_args = job.config, job.spec, job.parallel_dims, job.model_args
+    accumulation = job.grad_accumulation_steps
 
     pp_mesh = parallel_dims.get_optional_mesh("pp")
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -202,7 +191,7 @@ def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None,
         ctx = StepContext(
             step=1, config=config, parallel_dims=parallel_dims, model_parts=parts, optimizer=None,
             lr_scheduler=None, loss_fn=spec.loss_fn or token_cross_entropy, grad_accumulation_steps=accumulation,
-            hook=manager.hook, pipeline=pipeline,
+            needs=job.needs, hook=job.hook, pipeline=pipeline,
         )
         watch = MemoryWatch()
         with watch:
@@ -277,8 +266,7 @@ def _stage_input(ctx: StepContext, spec: ModelSpec, model_args: Any, part: nn.Mo
 
 def _traced_stage_input(ctx: StepContext, spec: ModelSpec, model_args: Any,
                         first_block: str) -> tuple[torch.Size, torch.dtype]:
-    with torch.device("meta"):
-        whole = spec.build(model_args)
+    whole = spec.build_meta(model_args)
     common = dict(config=ctx.config, parallel_dims=ctx.parallel_dims, model_spec=spec)
     ctx.hook.plait_apply_tensor_parallel(model=whole, **common)
     ctx.hook.plait_apply_context_parallel(model=whole, **common)

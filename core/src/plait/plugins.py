@@ -17,41 +17,21 @@ from typing import Any, Callable
 
 import pluggy
 
-from plait import PLUGIN_API_VERSION, hookspecs
+from plait import hookspecs
 from plait.errors import ConfigError, PluginError
+from plait.hookspecs import PLUGIN_API_VERSION
 
 PLUGIN_GROUP = "plait.plugins"
 RECIPE_GROUP = "plait.recipes"
 #: comma-separated names: only these installed plugins are visible (empty = none)
 LOAD_PLUGINS_ENV = "PLAIT_LOAD_PLUGINS"
 
-#: First-party plugins: name -> distribution, so a missing one is named with its package.
-FIRST_PARTY = {
-    "fsdp": "plait-fsdp",
-    "tp": "plait-tp",
-    "pipeline": "plait-pipeline",
-    "context-parallel": "plait-context-parallel",
-    "ep": "plait-ep",
-    "deepep": "plait-deepep",
-    "float8": "plait-float8",
-    "mxfp8": "plait-mxfp8",
-    "torchft": "plait-torchft",
-    "rocm": "plait-rocm",
-    "llama3": "plait-llama3",
-    "qwen3": "plait-qwen3",
-    "deepseek_v3": "plait-deepseek-v3",
-    "flux": "plait-flux",
-}
 
-#: Which first-party plugin provides a parallel degree > 1.
-DEGREE_PROVIDERS = {
-    "dp_replicate": "fsdp",
-    "dp_shard": "fsdp",
-    "tp": "tp",
-    "pp": "pipeline",
-    "cp": "context-parallel",
-    "ep": "ep",
-}
+
+def distribution_of(plugin: str) -> str:
+    """The distribution that ships plugin ``plugin`` by plait's naming convention
+    (``tp`` -> ``plait-tp``, ``deepseek_v3`` -> ``plait-deepseek-v3``)."""
+    return "plait-" + plugin.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -110,13 +90,9 @@ def installed_recipes() -> dict[str, metadata.EntryPoint]:
     return dict(sorted(_discover(RECIPE_GROUP).items()))
 
 
-def _install_hint(name: str) -> str:
-    dist = FIRST_PARTY.get(name)
-    if dist is None:
-        return ""
-    folder = ("models/" if dist in ("plait-llama3", "plait-qwen3", "plait-deepseek-v3", "plait-flux")
-              else "plugins/") + name.replace("-", "_")
-    return f"pip install {dist} (from a checkout: pip install ./{folder})"
+def install_hint(name: str) -> str:
+    return (f"pip install {distribution_of(name)} (from a plait checkout: pip install "
+            f"./plugins/{name.replace('-', '_')} or ./models/{name})")
 
 
 def _is_model_plugin(module: object) -> bool:
@@ -125,14 +101,14 @@ def _is_model_plugin(module: object) -> bool:
 
 
 def _not_installed(name: str, installed: dict[str, InstalledPlugin]) -> PluginError:
-    hint = _install_hint(name)
-    if hint:
-        return PluginError(f"plugin {name!r} is not installed: {hint}")
-    known = sorted(set(installed) | set(FIRST_PARTY))
-    close = difflib.get_close_matches(name, known, n=1)
-    suggestion = f" Did you mean {close[0]!r}?" if close else ""
+    close = difflib.get_close_matches(name, list(installed), n=1)
+    if close:
+        return PluginError(
+            f"unknown plugin {name!r}. Did you mean {close[0]!r}? Installed plugins: "
+            f"{', '.join(installed)} (see `plait plugins`)."
+        )
     return PluginError(
-        f"unknown plugin {name!r}.{suggestion} Installed plugins: "
+        f"plugin {name!r} is not installed: {install_hint(name)}. Installed plugins: "
         f"{', '.join(installed) or 'none'} (see `plait plugins`)."
     )
 
@@ -145,9 +121,9 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self._installed = installed_plugins()
         self._modules: dict[str, types.ModuleType] = {}
-        from plait import builtin
+        from plait.builtin import CorePlugin
 
-        self._pm.register(builtin, name="plait.builtin")
+        self._pm.register(CorePlugin(self._pm.hook), name="plait.builtin")
         if os.environ.get("PLAIT_TRACE_HOOKS"):
             self._trace_hook_calls()
 
@@ -187,7 +163,7 @@ class PluginManager:
         for name in names:
             for required in getattr(self._modules[name], "REQUIRES", ()):
                 if required not in self._modules:
-                    where = "" if required in self._installed else f" ({_install_hint(required) or 'not installed'})"
+                    where = "" if required in self._installed else f" (not installed: {install_hint(required)})"
                     selected = [n for n, m in self._modules.items() if not _is_model_plugin(m)]  # --plugins
                     raise PluginError(
                         f"plugin {name!r} requires plugin {required!r}: add it, e.g. "
@@ -257,11 +233,15 @@ class PluginManager:
 
             return register
 
-        for name, module in self._modules.items():
-            impl = getattr(module, "plait_register_models", None)
-            if impl is not None:
-                impl(register=collect(name))
+        for name in self._modules:
+            self._hook_of(name, "plait_register_models")(register=collect(name))
         return specs
+
+    def _hook_of(self, plugin_name: str, hook_name: str) -> Any:
+        """``hook_name`` restricted to one plugin's implementation, called through pluggy
+        (so tracing sees it), for registration hooks that must know who registered what."""
+        others = [plugin for name, plugin in self._pm.list_name_plugin() if name != plugin_name]
+        return self._pm.subset_hook_caller(hook_name, remove_plugins=others)
 
     @cached_property
     def config_sections(self) -> dict[str, type]:
@@ -270,10 +250,7 @@ class PluginManager:
         from plait.config import JobConfig
 
         reserved = set(JobConfig.__dataclass_fields__)
-        for name, module in self._modules.items():
-            impl = getattr(module, "plait_add_config_sections", None)
-            if impl is None:
-                continue
+        for name in self._modules:
 
             def register(section: str, cls: type, _owner: str = name) -> None:
                 if section in reserved:
@@ -285,7 +262,7 @@ class PluginManager:
                 sections[section] = cls
                 owners[section] = _owner
 
-            impl(register=register)
+            self._hook_of(name, "plait_add_config_sections")(register=register)
         return sections
 
     def model_spec(self, name: str) -> Any:
@@ -351,7 +328,8 @@ def load_model_spec(name: str) -> Any:
 
 
 def _plait_version() -> str:
-    from plait import __version__
-
-    return __version__
+    try:
+        return metadata.version("plait")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 

@@ -1,10 +1,8 @@
 """The training loop. The same loop drives one CPU and every parallelism: plugins change
 the model chunks, the meshes, the step's contexts and (for pipelines) forward/backward
-through hooks, always in the order of DESIGN §4."""
+through hooks, always in the fixed hook order (docs/plugins.md)."""
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -12,31 +10,22 @@ import signal
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from plait.config import JobConfig
 from plait.errors import ConfigError, TrainingDivergedError
-from plait.model_spec import ModelSpec
-from plait.nn.moe import configure_moe_layers
-from plait.parallel_dims import ParallelDims
-from plait.parallelize import apply_activation_checkpointing, apply_compile
-from plait.plugins import PluginManager
-from plait.train_state import DeviceInfo, PipelineResult, StepContext
+from plait.job import Job
+from plait.step import compiled_loss, token_cross_entropy
+from plait.train_state import DeviceInfo, StepContext
 
 logger = logging.getLogger("plait")
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 @dataclass
@@ -62,94 +51,6 @@ class TrainResult:
     last_step: int = 0
     stopped_by_signal: bool = False
     summary: dict[str, float] = field(default_factory=dict)
-
-
-def grad_accumulation_steps(config: JobConfig, parallel_dims: ParallelDims) -> int:
-    per_round = config.training.local_batch_size * parallel_dims.dp_degree
-    global_batch = config.training.global_batch_size
-    if global_batch == -1:
-        return 1
-    if global_batch % per_round:
-        raise ConfigError(
-            f"--training.global_batch_size {global_batch} must be a multiple of local_batch_size "
-            f"{config.training.local_batch_size} × data-parallel degree {parallel_dims.dp_degree} "
-            f"= {per_round}; e.g. use {max(per_round, global_batch // per_round * per_round)}"
-        )
-    return global_batch // per_round
-
-
-def check_capabilities(config: JobConfig, parallel_dims: ParallelDims, plugins: PluginManager) -> None:
-    """A degree > 1 needs an enabled plugin that provides it; say which one otherwise."""
-    from plait.plugins import DEGREE_PROVIDERS, _install_hint
-
-    for degree_name in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep"):
-        degree = getattr(parallel_dims, degree_name)
-        if degree <= 1 or plugins.provides(degree_name):
-            continue
-        candidates = plugins.providers_of(degree_name)
-        plugin = candidates[0] if candidates else DEGREE_PROVIDERS[degree_name]
-        install = "" if candidates else f" Install it first: {_install_hint(plugin)}."
-        raise ConfigError(
-            f"--parallelism.{degree_name} {degree} needs a plugin that provides {degree_name!r}, "
-            f"and none is enabled: add {plugin} to --plugins (e.g. --plugins {plugin}).{install}"
-        )
-
-
-def validate_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, world_size: int) -> ParallelDims:
-    """Every check that can run before any work: sections, degrees, plugins, model."""
-    config.validate()
-    spec.args_for(config.model.flavor)
-    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
-    check_capabilities(config, parallel_dims, plugins)
-    grad_accumulation_steps(config, parallel_dims)
-    plugins.hook.plait_validate(config=config, parallel_dims=parallel_dims, model_spec=spec)
-    return parallel_dims
-
-
-def model_args_for(spec: ModelSpec, config: JobConfig) -> Any:
-    """The flavor's args, with the RoPE table sized for this run's sequence length."""
-    args = spec.args_for(config.model.flavor)
-    if dataclasses.is_dataclass(args) and "max_seq_len" in {f.name for f in dataclasses.fields(args)}:
-        args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
-    return args
-
-
-def build_model_parts(
-    config: JobConfig,
-    spec: ModelSpec,
-    parallel_dims: ParallelDims,
-    hook: Any,
-    *,
-    model_args: Any,
-    device: torch.device,
-    grad_accumulation_steps: int,
-) -> tuple[list[nn.Module], PipelineResult | None]:
-    """This rank's model chunks on the meta device, converted, split and parallelized in
-    the fixed order of DESIGN §4 (TP -> EP -> CP -> AC -> compile -> DP). The trainer
-    materializes them; ``plait plan`` measures them."""
-    pd = parallel_dims
-    with torch.device("meta"):
-        model = spec.build(model_args)
-    hook.plait_convert_model(model=model, config=config, model_spec=spec)
-    pipeline = hook.plait_pipeline_split(
-        model=model, config=config, parallel_dims=pd, model_spec=spec, device=device
-    )
-    parts = pipeline.model_parts if pipeline is not None else [model]
-    common = dict(config=config, parallel_dims=pd, model_spec=spec)
-    dispatcher = hook.plait_token_dispatcher(config=config, parallel_dims=pd)
-    cp_mesh = pd.get_optional_mesh("cp")
-    for part in parts:
-        configure_moe_layers(part, aux_loss_coeff=config.moe.aux_loss_coeff, aux_loss_type=config.moe.aux_loss_type,
-                             grad_accumulation_steps=grad_accumulation_steps, dispatcher=dispatcher,
-                             sequence_group=None if cp_mesh is None else cp_mesh.get_group())
-        hook.plait_apply_tensor_parallel(model=part, **common)
-        hook.plait_apply_expert_parallel(model=part, **common)
-        hook.plait_apply_context_parallel(model=part, **common)
-        apply_activation_checkpointing(part, config.activation_checkpoint, spec.block_container)
-        # Under ep the experts are an FSDP unit of their own inside each MoE block.
-        apply_compile(part, config.compile, spec.block_container, fullgraph=not pd.ep_enabled)
-        hook.plait_apply_data_parallel(model=part, **common)
-    return parts, pipeline
 
 
 class _StopRequest:
@@ -181,13 +82,14 @@ class _StopRequest:
 
 
 class Trainer:
-    def __init__(self, config: JobConfig, plugins: PluginManager, spec: ModelSpec) -> None:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        config, spec = job.config, job.spec
         self.config = config
-        self.plugins = plugins
+        self.plugins = job.plugins
         self.spec = spec
-        self.hook = plugins.hook
-        world_size = world_size_from_env()
-        self.parallel_dims = validate_job(config, plugins, spec, world_size)
+        self.hook = job.hook
+        self.parallel_dims = job.parallel_dims
         self.device_info: DeviceInfo = self.hook.plait_device(config=config)
         self.device = self._init_distributed()
         self._seed()
@@ -205,8 +107,8 @@ class Trainer:
             dp_rank=pd.dp_rank(),
             dp_world_size=pd.dp_degree,
         )
-        self.grad_accumulation_steps = grad_accumulation_steps(config, pd)
-        self.model_args = model_args_for(spec, config)
+        self.grad_accumulation_steps = job.grad_accumulation_steps
+        self.model_args = job.model_args
         self._check_vocab()
         self.model_parts, self.pipeline = self._build_model()
         self.loss_fn = spec.loss_fn or token_cross_entropy
@@ -297,10 +199,7 @@ class Trainer:
 
     def _build_model(self) -> tuple[list[nn.Module], Any]:
         config, pd = self.config, self.parallel_dims
-        parts, pipeline = build_model_parts(
-            config, self.spec, pd, self.hook, model_args=self.model_args, device=self.device,
-            grad_accumulation_steps=self.grad_accumulation_steps,
-        )
+        parts, pipeline = self.job.build_model_parts(self.device)
         layout_independent = pd.world_size > 1 and (config.training.deterministic or not self._sharded_rng_supported())
         reference = self._reference_weights() if layout_independent else None
         for part in parts:
@@ -333,8 +232,7 @@ class Trainer:
         whose DTensor random ops cannot draw per shard (CPU: every shard of a weight would
         get the same numbers). Costs one full fp32 copy of the model in CPU memory on every
         rank while it loads."""
-        with torch.device("meta"):
-            full = self.spec.build(self.model_args)
+        full = self.spec.build_meta(self.model_args)
         self.hook.plait_convert_model(model=full, config=self.config, model_spec=self.spec)
         full.to_empty(device="cpu")
         with torch.no_grad():
@@ -361,9 +259,7 @@ class Trainer:
         """Refuse an HF checkpoint whose tensor shapes differ from the chosen flavor's."""
 
         def shapes(args: Any) -> dict[str, tuple[int, ...]]:
-            with torch.device("meta"):
-                model = self.spec.build(args)
-            return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+            return {name: tuple(t.shape) for name, t in self.spec.build_meta(args).state_dict().items()}
 
         theirs = shapes(self.spec.hf_adapter.args_from_hf_config(hf_config))
         ours = shapes(self.model_args)
@@ -407,7 +303,7 @@ class Trainer:
         result = TrainResult(last_step=self.resumed_from)
         if self.resumed_from:
             logger.info("resumed from step %d", self.resumed_from)
-        tokens_per_step = self.grad_accumulation_steps * config.training.local_batch_size * config.training.seq_len
+        tokens_per_step = self.job.tokens_per_step // pd.dp_degree  # on this rank
         batches = self.batches()
         with _StopRequest() as stop:
             for step in range(self.resumed_from + 1, total_steps + 1):
@@ -421,13 +317,14 @@ class Trainer:
                     lr_scheduler=self.lr_scheduler,
                     loss_fn=self.loss_fn,
                     grad_accumulation_steps=self.grad_accumulation_steps,
+                    needs=self.job.needs,
                     pipeline=self.pipeline,
                     batches=batches,
                     hook=self.hook,
                 )
                 lr = self.lr_scheduler.get_last_lr()[0]
-                self.hook.plait_train_step(ctx=ctx)
-                loss = self._global_mean(ctx.results["loss"])
+                step_loss = self.hook.plait_train_step(ctx=ctx)
+                loss = self._global_mean(step_loss)
                 grad_norm = float(ctx.results["grad_norm"])
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self._diverged(step, loss, grad_norm)
@@ -493,98 +390,3 @@ class Trainer:
             dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------- the step
-
-
-def clip_grad_norm_(
-    parameters: list[nn.Parameter], max_norm: float, pp_mesh: Any = None
-) -> torch.Tensor:
-    """Total L2 norm of all gradients (over shards and pipeline stages); clips if max_norm > 0."""
-    # DTensors on different meshes (experts under ep) cannot mix in one foreach op: group them.
-    by_mesh: dict[Any, list[nn.Parameter]] = {}
-    for param in parameters:
-        if param.grad is not None:
-            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
-    norms = [_full_norm([p.grad for p in group]) for group in by_mesh.values()] or [_full_norm([])]
-    total = norms[0] if len(norms) == 1 else torch.stack(norms).norm()
-    if pp_mesh is not None:
-        total = total**2
-        dist.all_reduce(total, group=pp_mesh.get_group())
-        total = total**0.5
-    if max_norm > 0:
-        for group in by_mesh.values():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
-    return total
-
-
-def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of ``grads`` (whole, over their shards), accumulated in float64: a
-    float32 reduction over millions of elements is off in the fifth digit, so the norm, and
-    the clipping it drives, would depend on how the gradients are sharded."""
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64)
-    norm = torch.linalg.vector_norm(torch.stack(norms))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return norm.float()
-
-
-def compiled_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Callable[..., torch.Tensor]:
-    """``loss_fn`` compiled, except on DTensor logits: vocabulary-sharded logits compute
-    their loss through a dispatch-time context (tp's loss parallelism), which a
-    compiled graph does not see (it returned the loss of the local shard)."""
-    compiled = torch.compile(loss_fn, backend=backend)
-
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_fn(logits, labels) if _is_dtensor(logits) else compiled(logits, labels)
-
-    return loss
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor) is not torch.Tensor and hasattr(tensor, "full_tensor")
-
-
-def default_forward_backward(ctx: StepContext) -> torch.Tensor:
-    logits = ctx.model_parts[0](ctx.inputs)
-    loss = ctx.loss_fn(logits, ctx.labels) / ctx.grad_accumulation_steps
-    del logits
-    loss.backward()
-    loss = loss.detach()
-    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
-
-
-@contextlib.contextmanager
-def train_contexts(ctx: StepContext) -> Iterator[None]:
-    """The plugins' per-micro-batch contexts (context-parallel sharding, loss parallel, autocast)."""
-    with contextlib.ExitStack() as stack:
-        for manager in ctx.hook.plait_train_context(config=ctx.config, parallel_dims=ctx.parallel_dims, ctx=ctx):
-            stack.enter_context(manager)
-        yield
-
-
-def forward_backward_micro_batch(ctx: StepContext) -> torch.Tensor:
-    """Forward and backward of ``ctx.inputs`` inside the plugins' step contexts; the loss."""
-    with train_contexts(ctx):
-        loss = ctx.hook.plait_forward_backward(ctx=ctx)
-        return default_forward_backward(ctx) if loss is None else loss
-
-
-def run_train_step(ctx: StepContext) -> None:
-    """One optimizer step: micro-batches with gradient accumulation, clipping, AdamW, LR."""
-    hook = ctx.hook
-    ctx.optimizer.zero_grad(set_to_none=True)
-    total_loss = None
-    for _ in range(ctx.grad_accumulation_steps):
-        ctx.inputs, ctx.labels = next(ctx.batches)
-        loss = forward_backward_micro_batch(ctx)
-        total_loss = loss if total_loss is None else total_loss + loss
-    params = [p for part in ctx.model_parts for p in part.parameters()]
-    ctx.results["grad_norm"] = clip_grad_norm_(
-        params, ctx.config.training.max_norm, ctx.parallel_dims.get_optional_mesh("pp")
-    )
-    hook.plait_before_optimizer_step(ctx=ctx)
-    ctx.optimizer.step()
-    ctx.lr_scheduler.step()
-    hook.plait_after_optimizer_step(ctx=ctx)
-    ctx.results["loss"] = total_loss

@@ -23,6 +23,47 @@ class DeviceInfo:
     name: str = ""
 
 
+@dataclass(kw_only=True, frozen=True)
+class RunNeeds:
+    """What a plugin declares about a run (hook ``plait_run_needs``), so that the core acts
+    on it without knowing the plugin. The defaults ask for nothing."""
+
+    sequence_splits: int = 1
+    """The plugin cuts every sequence into this many equal parts (sequence parallelism:
+    tp; load-balanced context parallelism: 2 × cp). --training.seq_len must be a multiple
+    of the product over all plugins."""
+    applies_compute_dtype: bool = False
+    """The plugin runs the model in --training.dtype itself (FSDP's parameter dtype), so
+    the core's autocast stays off."""
+    compile_fullgraph: bool = True
+    """False when the plugin puts modules inside a block that compiled code cannot trace
+    (hooks of an FSDP unit inside the block): the core compiles blocks allowing graph breaks."""
+    reason: str = ""
+    """For messages: what the plugin does, e.g. "sequence parallelism over tp 2"."""
+
+    @staticmethod
+    def combine(needs: list[RunNeeds]) -> CombinedNeeds:
+        splits = 1
+        for need in needs:
+            splits *= need.sequence_splits
+        return CombinedNeeds(
+            sequence_splits=splits,
+            applies_compute_dtype=any(need.applies_compute_dtype for need in needs),
+            compile_fullgraph=all(need.compile_fullgraph for need in needs),
+            split_reasons=tuple(need.reason for need in needs if need.sequence_splits > 1 and need.reason),
+        )
+
+
+@dataclass(kw_only=True, frozen=True)
+class CombinedNeeds:
+    """The needs of every enabled plugin for a run, combined."""
+
+    sequence_splits: int = 1
+    applies_compute_dtype: bool = False
+    compile_fullgraph: bool = True
+    split_reasons: tuple[str, ...] = ()
+
+
 @dataclass(kw_only=True)
 class PipelineResult:
     """What the pipeline plugin returns: this rank's model chunks and its schedule."""
@@ -57,6 +98,10 @@ class StepContext:
     labels: torch.Tensor | None = None
     #: the loss of each micro-batch is divided by this (gradient accumulation)
     grad_accumulation_steps: int = 1
+    #: index of the current micro-batch in this step, 0 .. grad_accumulation_steps - 1
+    micro_batch_index: int = 0
+    #: what the plugins declared for this run, combined (``plait_run_needs``)
+    needs: CombinedNeeds = field(default_factory=lambda: CombinedNeeds())
     pipeline: PipelineResult | None = None
     #: yields (inputs, labels) micro-batches already on the device
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -65,3 +110,7 @@ class StepContext:
     #: filled by the step: summed loss, grad norm, ...; hooks may add scalars to log under
     #: "metrics" (console and TensorBoard) and "metric_details" (TensorBoard only)
     results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_last_micro_batch(self) -> bool:
+        return self.micro_batch_index == self.grad_accumulation_steps - 1

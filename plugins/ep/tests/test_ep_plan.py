@@ -10,8 +10,7 @@ from plait.plan import plan
 def test_plan_shards_experts_and_measures_a_step():
     argv = ["--config", "qwen3_moe_debugmodel", "--plugins", "ep,fsdp", "--parallelism.dp_shard", "8",
             "--parallelism.ep", "4", "--training.seq_len", "64", "--training.local_batch_size", "2"]
-    manager, spec, config = resolve_train_config(argv, world_size=8, prog="plait plan")
-    result = plan(config, manager, spec, 8)
+    result = plan(resolve_train_config(argv, world_size=8, prog="plait plan"))
 
     assert (result.meshes["ep"], result.meshes["efsdp"]) == (4, 2)
     rank = result.ranks[0]

@@ -19,6 +19,7 @@ from plait.cli import train
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
 from plait.testing import keep_determinism_setting, max_differences, run_ranks, train_in_this_process
+from plait.train_state import StepContext
 
 from plait_fsdp import parallelize, plugin
 from plait_fsdp.config import FSDPConfig
@@ -160,12 +161,10 @@ def test_reshard_after_forward_option(option, pipeline, expected):
     assert parallelize.reshard_after_forward(FSDPConfig(reshard_after_forward=option), pipeline) is expected
 
 
-class FakeStep:
+def step_context(grad_accumulation_steps: int) -> StepContext:
     """The parts of a StepContext the gradient-sync context reads."""
-
-    def __init__(self, grad_accumulation_steps: int) -> None:
-        self.grad_accumulation_steps = grad_accumulation_steps
-        self.model_parts: list = []
+    return StepContext(step=1, config=None, parallel_dims=None, model_parts=[], optimizer=None,
+                       lr_scheduler=None, loss_fn=None, grad_accumulation_steps=grad_accumulation_steps)
 
 
 def test_gradients_sync_only_in_the_last_micro_batch(monkeypatch):
@@ -173,14 +172,15 @@ def test_gradients_sync_only_in_the_last_micro_batch(monkeypatch):
     monkeypatch.setattr(parallelize, "set_gradient_sync", lambda parts, enabled: calls.append(enabled))
     dims = ParallelDims(dp_shard=2, world_size=2)
     for _step in range(2):
-        ctx = FakeStep(grad_accumulation_steps=3)
-        for _micro_batch in range(3):
+        ctx = step_context(grad_accumulation_steps=3)
+        for micro_batch in range(3):
+            ctx.micro_batch_index = micro_batch  # as the core's step sets it
             with plugin.plait_train_context(config=None, parallel_dims=dims, ctx=ctx):
                 pass
     # off (and back on when leaving) for the first two micro-batches, on for the last
     assert calls == [False, True, False, True, True] * 2
     assert plugin.plait_train_context(
-        config=None, parallel_dims=dims, ctx=FakeStep(grad_accumulation_steps=1)
+        config=None, parallel_dims=dims, ctx=step_context(grad_accumulation_steps=1)
     ) is None
 
 

@@ -164,16 +164,17 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------- save
 
-    def save(self, step: int, *, force: bool = False) -> None:
+    def save(self, step: int, *, force: bool = False) -> bool:
         """Save at multiples of ``config.interval``, or now when ``force``; a no-op when
-        checkpointing is disabled or ``step`` was just saved or loaded."""
+        checkpointing is disabled or ``step`` was just saved or loaded. Returns whether a
+        save of ``step`` started (an async one may still be writing)."""
         if self._closed:
             raise RuntimeError("CheckpointManager.save() called after close()")
         if not self.config.enable:
-            return
+            return False
         self._publish_if_done()
         if step == self._last_step or not (force or step % self.config.interval == 0):
-            return
+            return False
         self.wait()
         if self._rank == 0:
             os.makedirs(self.folder, exist_ok=True)
@@ -201,6 +202,7 @@ class CheckpointManager:
         self._last_step = step
         if self.config.async_mode != "async":
             self.wait()
+        return True
 
     def wait(self) -> None:
         """Block until the save in flight is written and visible (on every rank)."""

@@ -44,16 +44,6 @@ class Tokenizer:
         return f"Tokenizer({self.name}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
 
 
-def build_tokenizer(path: str = "") -> Tokenizer:
-    """The embedded tokenizer for ``""``; otherwise a ``tokenizer.json`` file or a folder
-    holding one (such as a downloaded Hugging Face model folder)."""
-    if not path:
-        from plait.data.embedded import embedded_tokenizer
-
-        return embedded_tokenizer()
-    return load_tokenizer_file(path)
-
-
 def load_tokenizer_file(path: str) -> Tokenizer:
     file = _resolve_tokenizer_file(Path(path).expanduser())
     try:

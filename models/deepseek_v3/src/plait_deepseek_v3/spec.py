@@ -92,6 +92,7 @@ def deepseek_v3_spec() -> ModelSpec:
         build=build_model,
         flops_per_token=flops_per_token,
         block_container="layers",
+        seq_len_arg="max_seq_len",
         tp_plan=TP_PLAN,
         pipeline_split_points=pipeline_split_points,
         expert_modules=("layers.*.moe.experts",),

@@ -105,6 +105,7 @@ def llama3_spec() -> ModelSpec:
         build=build_model,
         flops_per_token=flops_per_token,
         block_container="layers",
+        seq_len_arg="max_seq_len",
         tp_plan=TP_PLAN,
         pipeline_split_points=pipeline_split_points,
         cp_attention="sdpa",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from plait import hookimpl
 from plait.errors import ConfigError
+from plait.train_state import RunNeeds
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,6 +41,15 @@ def _section(config: JobConfig) -> ContextParallelConfig:
 
 
 @hookimpl
+def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
+    """Head-tail load balancing cuts each sequence into 2 × cp equal chunks."""
+    if parallel_dims.cp <= 1:
+        return None
+    cp = parallel_dims.cp
+    return RunNeeds(sequence_splits=2 * cp, reason=f"load-balanced context parallelism (2 × cp = {2 * cp} chunks)")
+
+
+@hookimpl
 def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
     cp = parallel_dims.cp
     if cp <= 1:
@@ -55,16 +65,6 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"model {model_spec.name!r} sets cp_attention={model_spec.cp_attention!r} but names no "
             "cp_attention_modules, so context parallelism cannot find its attention: add the module "
             "path patterns to its ModelSpec (e.g. cp_attention_modules=('layers.*.attention.sdpa',))"
-        )
-    seq_len = config.training.seq_len
-    divisor = parallel_dims.seq_len_divisor
-    if seq_len % divisor:
-        suggestion = max(divisor, seq_len // divisor * divisor)
-        sequence_parallel = f", and sequence parallelism splits them over tp {parallel_dims.tp}"
-        raise ConfigError(
-            f"--training.seq_len {seq_len} must be a multiple of {divisor}: load-balanced context "
-            f"parallelism cuts each sequence into 2 × cp = {2 * cp} equal chunks"
-            f"{sequence_parallel if parallel_dims.tp > 1 else ''}; use e.g. --training.seq_len {suggestion}"
         )
     section = _section(config)  # its own validate() checked the values
     if model_spec.cp_attention == "flex" and section.rotate_method != "allgather":

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from plait import hookimpl
 from plait.errors import ConfigError
+from plait.train_state import RunNeeds
 
 if TYPE_CHECKING:
     from plait.config import JobConfig
+    from plait.job import Job
     from plait.model_spec import ModelSpec
     from plait.parallel_dims import ParallelDims
     from torch import nn
@@ -25,7 +27,16 @@ DESCRIPTION = "ep: expert parallelism — experts sharded over ranks, all-to-all
 
 
 @hookimpl
-def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
+    """The experts become an FSDP unit of their own inside each MoE block, whose hooks
+    compiled code does not trace: blocks compile with graph breaks allowed."""
+    if parallel_dims.ep <= 1:
+        return None
+    return RunNeeds(compile_fullgraph=False)
+
+
+@hookimpl
+def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec, job: Job) -> None:
     ep = parallel_dims.ep
     if ep <= 1:
         return
@@ -35,7 +46,7 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"--parallelism.ep {ep}: model {model_spec.name!r} declares no expert modules (it is a dense "
             "model), so there is nothing to shard over ep; use --parallelism.ep 1 or a mixture-of-experts model"
         )
-    counts = _expert_counts(model_spec, config.model.flavor)
+    counts = _expert_counts(job.meta_model, model_spec)
     if not counts:
         raise ConfigError(
             f"--parallelism.ep {ep}: {model} has no expert modules (a dense flavor; the spec's expert "
@@ -52,14 +63,10 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             )
 
 
-def _expert_counts(model_spec: ModelSpec, flavor: str) -> list[int]:
-    """Experts of every expert module of the flavor, read from a meta-device build."""
-    import torch
-
+def _expert_counts(model: nn.Module, model_spec: ModelSpec) -> list[int]:
+    """Experts of every expert module of the run's model (built on the meta device)."""
     from plait_ep.sharding import expert_modules, experts_per_module
 
-    with torch.device("meta"):
-        model = model_spec.build(model_spec.args_for(flavor))
     return [experts_per_module(module) for _, module in expert_modules(model, model_spec.expert_modules)]
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from plait import hookimpl
 from plait.errors import ConfigError
+from plait.train_state import RunNeeds
 
 if TYPE_CHECKING:
     from plait.config import JobConfig
@@ -26,6 +26,15 @@ def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
     from plait_fsdp.config import FSDPConfig
 
     register("fsdp", FSDPConfig)
+
+
+@hookimpl
+def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
+    """Sharded parameters are cast to --training.dtype by FSDP's mixed-precision policy
+    (fp32 master weights), so the core's autocast stays off."""
+    if not parallel_dims.fsdp_enabled:
+        return None
+    return RunNeeds(applies_compute_dtype=True)
 
 
 @hookimpl
@@ -59,24 +68,6 @@ def plait_apply_data_parallel(
     apply_data_parallel(model, config, parallel_dims, model_spec)
 
 
-class _MicroBatchCounter:
-    """Counts the micro-batches of the current optimizer step (one StepContext per step)."""
-
-    def __init__(self) -> None:
-        self._step: weakref.ref[Any] | None = None
-        self._seen = 0
-
-    def next_index(self, ctx: StepContext) -> int:
-        if self._step is None or self._step() is not ctx:
-            self._step = weakref.ref(ctx)
-            self._seen = 0
-        self._seen += 1
-        return self._seen - 1
-
-
-_counter = _MicroBatchCounter()
-
-
 @contextlib.contextmanager
 def _gradient_sync_only_on_last(ctx: StepContext, is_last: bool) -> Iterator[None]:
     from plait_fsdp.parallelize import set_gradient_sync
@@ -94,5 +85,4 @@ def plait_train_context(config: JobConfig, parallel_dims: ParallelDims, ctx: Ste
     """With gradient accumulation, reduce gradients only in the last micro-batch's backward."""
     if ctx.grad_accumulation_steps <= 1 or not (parallel_dims.dp_enabled or parallel_dims.fsdp_enabled):
         return None
-    index = _counter.next_index(ctx)
-    return _gradient_sync_only_on_last(ctx, is_last=index == ctx.grad_accumulation_steps - 1)
+    return _gradient_sync_only_on_last(ctx, is_last=ctx.is_last_micro_batch)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from plait.config import JobConfig
+    from plait.job import Job
     from plait.model_spec import ModelSpec
     from plait.parallel_dims import ParallelDims
     from plait.train_state import PipelineResult, StepContext
@@ -45,7 +46,7 @@ class _Layout:
     microbatches: int
 
 
-def _resolve_layout(model: nn.Module, config: JobConfig, pp: int, model_spec: ModelSpec) -> _Layout:
+def _resolve_layout(model: nn.Module, config: JobConfig, pp: int, model_spec: ModelSpec, model_args: Any) -> _Layout:
     from plait_pipeline import schedules
     from plait_pipeline.stages import check_no_shared_parameters, plan_stages, stage_units, units_of_stages
 
@@ -58,7 +59,7 @@ def _resolve_layout(model: nn.Module, config: JobConfig, pp: int, model_spec: Mo
         pp=pp,
         default_stages_per_rank=schedules.default_stages_per_rank(info),
         model_spec=model_spec,
-        model_args=model_spec.args_for(config.model.flavor),
+        model_args=model_args,
     )
     schedules.check_stages_per_rank(info, plan.stages_per_rank)
     check_no_shared_parameters(model, units_of_stages(units, plan.split_points))
@@ -73,7 +74,7 @@ def _changed_options(section: Any) -> list[str]:
 
 
 @hookimpl
-def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec, job: Job) -> None:
     pp = parallel_dims.pp
     if pp <= 1:
         changed = _changed_options(config.pipeline)
@@ -83,11 +84,7 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
                 "--parallelism.pp 1: set --parallelism.pp > 1 or drop the option"
             )
         return
-    import torch
-
-    with torch.device("meta"):
-        model = model_spec.build(model_spec.args_for(config.model.flavor))
-    layout = _resolve_layout(model, config, pp, model_spec)
+    layout = _resolve_layout(job.meta_model, config, pp, model_spec, job.model_args)
     if layout.schedule.splits_backward and config.compile.enable:
         raise ConfigError(
             f"schedule {layout.schedule.name} computes input and weight gradients separately (zero bubble), "
@@ -103,6 +100,7 @@ def plait_pipeline_split(
     parallel_dims: ParallelDims,
     model_spec: ModelSpec,
     device: torch.device,
+    job: Job,
 ) -> PipelineResult | None:
     pp = parallel_dims.pp
     if pp <= 1:
@@ -115,7 +113,7 @@ def plait_pipeline_split(
     from plait_pipeline.runner import MicrobatchLoss, PipelineRunner
     from plait_pipeline.stages import build_stage_module, describe_stages, units_of_stages
 
-    layout = _resolve_layout(model, config, pp, model_spec)
+    layout = _resolve_layout(model, config, pp, model_spec, job.model_args)
     plan, info = layout.plan, layout.schedule
     pp_mesh = parallel_dims.get_mesh("pp")
     pp_rank, group = pp_mesh.get_local_rank(), pp_mesh.get_group()

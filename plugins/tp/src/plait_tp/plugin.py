@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any, Callable, get_args
 from plait import hookimpl
 from plait.errors import ConfigError
 from plait.model_spec import TPStyle
+from plait.train_state import RunNeeds
 
 if TYPE_CHECKING:
     from torch import nn
 
     from plait.config import JobConfig
+    from plait.job import Job
     from plait.model_spec import ModelSpec
     from plait.parallel_dims import ParallelDims
     from plait.train_state import StepContext
@@ -76,7 +78,16 @@ def check_divisibility(tp: int, model_spec: ModelSpec, args: Any, flavor: str) -
 
 
 @hookimpl
-def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
+    """Sequence parallelism cuts each sequence into tp equal shards."""
+    tp = parallel_dims.tp
+    if tp <= 1 or not _tp_config(config).sequence_parallel:
+        return None
+    return RunNeeds(sequence_splits=tp, reason=f"sequence parallelism (tp = {tp} shards)")
+
+
+@hookimpl
+def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec, job: Job) -> None:
     tp = parallel_dims.tp
     if tp <= 1:
         return
@@ -92,7 +103,7 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"the tp plugin knows: {', '.join(KNOWN_STYLES)}"
         )
     flavor = config.model.flavor
-    args = model_spec.args_for(flavor)
+    args = job.model_args
     check_divisibility(tp, model_spec, args, flavor)
     if getattr(args, "tie_word_embeddings", False):
         raise ConfigError(

@@ -1,0 +1,131 @@
+"""One optimizer step: micro-batches with gradient accumulation inside the plugins'
+contexts, forward and backward (or a plugin's, such as a pipeline schedule), clipping,
+the optimizer and the LR schedule. The core's ``plait_train_step`` runs it."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from plait.errors import PluginError
+from plait.train_state import StepContext
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def clip_grad_norm_(
+    parameters: list[nn.Parameter], max_norm: float, pp_mesh: Any = None
+) -> torch.Tensor:
+    """Total L2 norm of all gradients (over shards and pipeline stages); clips if max_norm > 0."""
+    # DTensors on different meshes (experts under ep) cannot mix in one foreach op: group them.
+    by_mesh: dict[Any, list[nn.Parameter]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
+    norms = [_full_norm([p.grad for p in group]) for group in by_mesh.values()] or [_full_norm([])]
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).norm()
+    if pp_mesh is not None:
+        total = total**2
+        dist.all_reduce(total, group=pp_mesh.get_group())
+        total = total**0.5
+    if max_norm > 0:
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    return total
+
+
+def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of ``grads`` (whole, over their shards), accumulated in float64: a
+    float32 reduction over millions of elements is off in the fifth digit, so the norm, and
+    the clipping it drives, would depend on how the gradients are sharded."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.float()
+
+
+def compiled_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` compiled, except on DTensor logits: vocabulary-sharded logits compute
+    their loss through a dispatch-time context (tp's loss parallelism), which a
+    compiled graph does not see (it returned the loss of the local shard)."""
+    compiled = torch.compile(loss_fn, backend=backend)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, labels) if _is_dtensor(logits) else compiled(logits, labels)
+
+    return loss
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor) is not torch.Tensor and hasattr(tensor, "full_tensor")
+
+
+def default_forward_backward(ctx: StepContext) -> torch.Tensor:
+    logits = ctx.model_parts[0](ctx.inputs)
+    loss = ctx.loss_fn(logits, ctx.labels) / ctx.grad_accumulation_steps
+    del logits
+    loss.backward()
+    loss = loss.detach()
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+
+@contextlib.contextmanager
+def train_contexts(ctx: StepContext) -> Iterator[None]:
+    """The plugins' per-micro-batch contexts (context-parallel sharding, loss parallel, autocast)."""
+    with contextlib.ExitStack() as stack:
+        for manager in ctx.hook.plait_train_context(config=ctx.config, parallel_dims=ctx.parallel_dims, ctx=ctx):
+            stack.enter_context(manager)
+        yield
+
+
+def forward_backward_micro_batch(ctx: StepContext) -> torch.Tensor:
+    """Forward and backward of ``ctx.inputs`` inside the plugins' step contexts; the loss."""
+    with train_contexts(ctx):
+        loss = ctx.hook.plait_forward_backward(ctx=ctx)
+        return default_forward_backward(ctx) if loss is None else loss
+
+
+def run_train_step(ctx: StepContext) -> torch.Tensor:
+    """One optimizer step: micro-batches with gradient accumulation, clipping, AdamW, LR;
+    returns the step's loss (summed over micro-batches, each already divided by their count)."""
+    hook = ctx.hook
+    ctx.optimizer.zero_grad(set_to_none=True)
+    total_loss = None
+    for index in range(ctx.grad_accumulation_steps):
+        ctx.micro_batch_index = index
+        ctx.inputs, ctx.labels = next(ctx.batches)
+        loss = forward_backward_micro_batch(ctx)
+        total_loss = loss if total_loss is None else total_loss + loss
+    params = [p for part in ctx.model_parts for p in part.parameters()]
+    ctx.results["grad_norm"] = clip_grad_norm_(
+        params, ctx.config.training.max_norm, ctx.parallel_dims.get_optional_mesh("pp")
+    )
+    hook.plait_before_optimizer_step(ctx=ctx)
+    ctx.optimizer.step()
+    ctx.lr_scheduler.step()
+    hook.plait_after_optimizer_step(ctx=ctx)
+    ctx.results["loss"] = total_loss
+    return total_loss
+
+
+def refuse_plain_implementations(hook_caller: Any) -> None:
+    """Called by the core's own implementation of a replace-or-wrap hook, which pluggy
+    reaches only when every other plain implementation returned None: those ran beside
+    the core's work instead of replacing it, so name them."""
+    plain = [impl.plugin_name for impl in hook_caller.get_hookimpls()
+             if not (impl.wrapper or impl.hookwrapper) and impl.plugin_name != "plait.builtin"]
+    if plain:
+        raise PluginError(
+            f"plugin(s) {', '.join(map(repr, plain))} implement {hook_caller.name} without "
+            "wrapper=True and returned None, so the core's implementation would run as well: "
+            "wrap it with @hookimpl(wrapper=True) (result = yield; return result), or replace "
+            "it by returning a result"
+        )
