@@ -1,0 +1,362 @@
+"""Every hook the core calls, proven with a throwaway plugin: called at its documented
+moment, with its documented arguments, and its result used. Runs a tiny model of the
+plugin's own on the embedded data, in this process."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait import hookimpl
+from plait.config import JobConfig
+from plait.errors import ConfigError, PluginError
+from plait.job import resolve_job
+from plait.model_spec import ModelSpec
+from plait.plugins import PluginManager
+from plait.train import Trainer
+from plait.train_state import RunNeeds
+
+VOCAB = 2048  # the embedded tokenizer's
+
+
+class ToyLM(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleList([nn.Linear(dim, dim)])
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(tokens)
+        for layer in self.layers:
+            hidden = hidden + torch.tanh(layer(hidden))
+        return self.head(hidden)
+
+    def init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+
+class MarkedLinear(nn.Linear):
+    """What the toy conversion swaps the head for."""
+
+
+TOY_SPEC = ModelSpec(name="hooktoy", flavors={"tiny": 16}, build=ToyLM, flops_per_token=lambda dim, seq: 6.0 * dim)
+
+
+class Counter:
+    """A stateful object a plugin adds to every checkpoint."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.value = int(state["value"])
+
+
+class LifecyclePlugin:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ("model:hooktoy",)
+    REQUIRES = ()
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.counter = Counter()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_steps = 0
+        self.logged: list[tuple[int, set[str]]] = []
+        self.validated_job = None
+
+    @hookimpl
+    def plait_register_models(self, register):
+        register(TOY_SPEC)
+
+    @hookimpl
+    def plait_validate(self, config, parallel_dims, model_spec, job):
+        self.calls.append("validate")
+        self.validated_job = job
+
+    @hookimpl
+    def plait_convert_model(self, model, config, model_spec):
+        self.calls.append("convert_model")
+        assert all(p.device.type == "meta" for p in model.parameters())  # before materializing
+        assert model_spec is TOY_SPEC and config.model.name == "hooktoy"
+        head = model.head
+        marked = MarkedLinear(head.in_features, head.out_features, device="meta")
+        model.head = marked
+
+    @hookimpl
+    def plait_apply_data_parallel(self, model, config, parallel_dims, model_spec):
+        self.calls.append("apply_data_parallel")
+        assert isinstance(model.head, MarkedLinear)  # converted before any parallelism
+
+    @hookimpl
+    def plait_wrap_optimizer(self, optimizer, model_parts, config):
+        self.calls.append("wrap_optimizer")
+        assert isinstance(optimizer, torch.optim.AdamW) and len(model_parts) == 1
+        replacement = torch.optim.AdamW(model_parts[0].parameters(), lr=config.optimizer.lr)
+
+        def count(*_):
+            self.optimizer_steps += 1
+
+        replacement.register_step_post_hook(count)
+        self.optimizer = replacement
+        return replacement
+
+    @hookimpl
+    def plait_after_optimizer_step(self, ctx):
+        self.counter.value += 1
+
+    @hookimpl
+    def plait_checkpoint_state(self, config):
+        self.calls.append("checkpoint_state")
+        return {"hooktoy_counter": self.counter}
+
+    @hookimpl
+    def plait_log_metrics(self, step, metrics, config):
+        self.logged.append((step, set(metrics)))
+
+
+def toy_config(folder, *, steps: int = 3, **training) -> JobConfig:
+    config = JobConfig()
+    config.model.name, config.model.flavor = "hooktoy", "tiny"
+    config.job.dump_folder = str(folder)
+    config.training.steps = steps
+    config.training.seq_len = 16
+    config.training.local_batch_size = 2
+    for name, value in training.items():
+        setattr(config.training, name, value)
+    config.checkpoint.interval = 2
+    config.metrics.enable_tensorboard = False
+    config.metrics.log_freq = 2
+    config.lr_scheduler.warmup_steps = 0
+    return config
+
+
+def manager_with(*plugins: object) -> PluginManager:
+    manager = PluginManager()
+    for index, plugin in enumerate(plugins):
+        manager.register_object(plugin, f"throwaway{index}")
+    return manager
+
+
+def train_toy(config: JobConfig, *plugins: object):
+    manager = manager_with(*plugins)
+    trainer = Trainer(resolve_job(config, manager, manager.model_spec("hooktoy"), world_size=1))
+    try:
+        return trainer, trainer.train()
+    finally:
+        trainer.close()
+
+
+def test_lifecycle_hooks_are_called_in_order_and_their_results_used(tmp_path):
+    plugin = LifecyclePlugin()
+    trainer, result = train_toy(toy_config(tmp_path), plugin)
+    assert plugin.calls == ["validate", "convert_model", "apply_data_parallel", "wrap_optimizer", "checkpoint_state"]
+    assert plugin.validated_job.model_args == 16 and plugin.validated_job.grad_accumulation_steps == 1
+    assert isinstance(trainer.model_parts[0].head, MarkedLinear)
+    assert trainer.optimizer is plugin.optimizer and plugin.optimizer_steps == 3
+    assert [step for step, _ in plugin.logged] == [2, 3]  # log_freq 2 and the last step
+    assert all({"loss", "grad_norm", "lr"} <= keys for _, keys in plugin.logged)
+    assert sorted(result.losses) == [1, 2, 3]
+
+    resumed = LifecyclePlugin()  # a fresh counter, restored from the step-3 checkpoint
+    _, again = train_toy(toy_config(tmp_path, steps=4), resumed)
+    assert resumed.counter.value == 4 and sorted(again.losses) == [4]
+
+
+class ProcessGroupPlugin:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ("model:hooktoy", "dp_shard")  # stands in for a data-parallel plugin
+    REQUIRES = ()
+
+    class Reached(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.device = None
+        self.meshes: list[str] = []
+
+    @hookimpl
+    def plait_register_models(self, register):
+        register(TOY_SPEC)
+
+    @hookimpl
+    def plait_init_process_group(self, config, device):
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        self.device = device
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+        return True
+
+    @hookimpl
+    def plait_mesh_built(self, parallel_dims, config):
+        self.meshes = parallel_dims.mesh_names()
+        raise self.Reached  # the test ends here; a fake group cannot train
+
+
+def test_process_group_hooks_replace_the_core_init_and_see_the_meshes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    plugin = ProcessGroupPlugin()
+    manager = manager_with(plugin)
+    job = resolve_job(toy_config(tmp_path), manager, manager.model_spec("hooktoy"), world_size=2)
+    try:
+        with pytest.raises(ProcessGroupPlugin.Reached):
+            Trainer(job)
+        assert dist.get_backend() == "fake"  # the plugin's group, not one the core made
+        assert plugin.device.type == "cpu" and plugin.device.backend == "gloo"
+        assert "dp_shard" in plugin.meshes and "world" in plugin.meshes
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ToyModelPlugin:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ("model:hooktoy",)
+    REQUIRES = ()
+
+    @hookimpl
+    def plait_register_models(self, register):
+        register(TOY_SPEC)
+
+
+class StepWrapper:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    @hookimpl(wrapper=True)
+    def plait_train_step(self, ctx):
+        loss = yield
+        self.seen.append((ctx.step, float(loss)))
+        return loss
+
+
+class StepReplacement:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    @hookimpl
+    def plait_train_step(self, ctx):
+        ctx.results["grad_norm"] = torch.tensor(0.0)
+        return torch.tensor(float(ctx.step))
+
+
+class StepBeside:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    @hookimpl
+    def plait_train_step(self, ctx):
+        return None  # meant to wrap, forgot wrapper=True
+
+
+def test_train_step_wrapper_sees_the_core_step(tmp_path):
+    reference = train_toy(toy_config(tmp_path / "plain"), ToyModelPlugin())[1]
+    wrapper = StepWrapper()
+    wrapped = train_toy(toy_config(tmp_path / "wrapped"), ToyModelPlugin(), wrapper)[1]
+    assert wrapped.losses == reference.losses
+    assert [step for step, _ in wrapper.seen] == [1, 2, 3]
+    assert [loss for _, loss in wrapper.seen] == pytest.approx(list(reference.losses.values()))
+
+
+def test_train_step_replacement_runs_instead_of_the_core(tmp_path):
+    trainer, result = train_toy(toy_config(tmp_path), ToyModelPlugin(), StepReplacement())
+    assert result.losses == {1: 1.0, 2: 2.0, 3: 3.0}
+    moments = [state["exp_avg"] for state in trainer.optimizer.state.values()]  # checkpointing made them
+    assert all(not moment.any() for moment in moments)  # the core's step never ran the optimizer
+
+
+def test_a_plain_step_implementation_returning_none_is_refused(tmp_path):
+    with pytest.raises(PluginError, match="'throwaway1' implement plait_train_step without wrapper=True"):
+        train_toy(toy_config(tmp_path), ToyModelPlugin(), StepBeside())
+
+
+class SaveNever:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    @hookimpl
+    def plait_checkpoint_save(self, checkpointer, step, force):
+        return False
+
+
+class SaveBeside:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    @hookimpl
+    def plait_checkpoint_save(self, checkpointer, step, force):
+        return None
+
+
+def test_checkpoint_save_replacement_and_refusal(tmp_path):
+    train_toy(toy_config(tmp_path / "never"), ToyModelPlugin(), SaveNever())
+    assert not os.path.exists(tmp_path / "never" / "checkpoint")
+    with pytest.raises(PluginError, match="implement plait_checkpoint_save without wrapper=True"):
+        train_toy(toy_config(tmp_path / "beside"), ToyModelPlugin(), SaveBeside())
+
+
+class NeedsPlugin:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    def __init__(self, needs: RunNeeds) -> None:
+        self.needs = needs
+
+    @hookimpl
+    def plait_run_needs(self, config, parallel_dims, model_spec):
+        return self.needs
+
+
+def resolve_toy(config: JobConfig, *plugins: object):
+    manager = manager_with(ToyModelPlugin(), *plugins)
+    return resolve_job(config, manager, manager.model_spec("hooktoy"), world_size=1)
+
+
+def test_declared_sequence_splits_multiply_and_are_checked(tmp_path):
+    two = NeedsPlugin(RunNeeds(sequence_splits=2, reason="halves"))
+    three = NeedsPlugin(RunNeeds(sequence_splits=3, reason="thirds"))
+    with pytest.raises(ConfigError, match=r"--training.seq_len 16 must be a multiple of 6: (halves and thirds|thirds and halves) cut"):
+        resolve_toy(toy_config(tmp_path), two, three)
+    assert resolve_toy(toy_config(tmp_path, seq_len=24), two, three).needs.sequence_splits == 6
+
+
+def test_a_plugin_that_applies_the_compute_dtype_turns_autocast_off(tmp_path):
+    plain = resolve_toy(toy_config(tmp_path, dtype="bfloat16"))
+    declared = resolve_toy(toy_config(tmp_path, dtype="bfloat16"),
+                           NeedsPlugin(RunNeeds(applies_compute_dtype=True, compile_fullgraph=False)))
+    assert not plain.needs.applies_compute_dtype and plain.needs.compile_fullgraph
+    assert declared.needs.applies_compute_dtype and not declared.needs.compile_fullgraph
+    _, result = train_toy(toy_config(tmp_path / "bf16", dtype="bfloat16", steps=1), ToyModelPlugin())
+    _, fp32_params = train_toy(toy_config(tmp_path / "declared", dtype="bfloat16", steps=1), ToyModelPlugin(),
+                               NeedsPlugin(RunNeeds(applies_compute_dtype=True)))
+    # Without autocast (nobody casts the toy model) the step computes in float32.
+    _, fp32 = train_toy(toy_config(tmp_path / "fp32", steps=1), ToyModelPlugin())
+    assert fp32_params.losses == fp32.losses and result.losses != fp32.losses
+
+
+def test_registration_hooks_go_through_pluggy(tmp_path):
+    manager = manager_with(ToyModelPlugin())
+    traced: list[str] = []
+    manager._pm.add_hookcall_monitoring(lambda name, impls, kwargs: traced.append(name), lambda *a: None)
+    assert manager.model_spec("hooktoy") is TOY_SPEC
+    assert "plait_register_models" in traced
