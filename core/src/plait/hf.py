@@ -194,8 +194,6 @@ def from_pretrained(
     ``arg_overrides`` replace fields of the model args read from ``config.json``
     (e.g. ``max_seq_len=4096`` for a shorter RoPE cache).
     """
-    import torch
-
     from plait.plugins import load_model_spec
 
     spec = load_model_spec(model_name)
@@ -209,13 +207,7 @@ def from_pretrained(
         )
     args = _with_overrides(adapter.args_from_hf_config(hf_config), arg_overrides)
 
-    with torch.device("meta"):
-        model = spec.build(args)
-    model.to_empty(device=device)
-    # init_weights also fills buffers that no checkpoint holds (e.g. RoPE tables); keep
-    # the caller's RNG stream untouched by it.
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        model.init_weights()
+    model = spec.build_initialized(args, device=device)
     state_dict = {name: tensor.float() for name, tensor in adapter.from_hf(hf_state_dict, args).items()}
     _load_into(model, state_dict, str(hf_dir))
     return model.float().eval()
@@ -234,15 +226,10 @@ def export_checkpoint_to_hf(
 
     ``dtype`` casts floating tensors (e.g. ``torch.bfloat16``); None keeps the stored fp32.
     """
-    import torch
-
     from plait.checkpoint import load_model_state
 
     adapter = _adapter(spec)
-    with torch.device("meta"):
-        model = spec.build(args)
-    model.to_empty(device="cpu")
-    state_dict = model.state_dict()
+    state_dict = spec.build_meta(args).to_empty(device="cpu").state_dict()
     load_model_state(str(checkpoint_dir), state_dict)
     hf_state_dict = adapter.to_hf(state_dict, args)
     if dtype is not None:
