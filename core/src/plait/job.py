@@ -89,9 +89,16 @@ class Job:
 def resolve_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, world_size: int) -> Job:
     """Every check that can run before any work, once; the resolved run."""
     config.validate()
-    model_args = spec.args_for_run(config.model.flavor, config.training.seq_len)
     parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
     check_capabilities(parallel_dims, plugins)
+    return resolve_with_plugins(config, plugins, spec, parallel_dims)
+
+
+def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelSpec,
+                         parallel_dims: ParallelDims) -> Job:
+    """The plugins' part of ``resolve_job``: the model args of this run, the declared needs
+    and the sequence length they imply, then every ``plait_validate``."""
+    model_args = spec.args_for_run(config.model.flavor, config.training.seq_len)
     needs = RunNeeds.combine(
         [need for need in plugins.hook.plait_run_needs(config=config, parallel_dims=parallel_dims, model_spec=spec)
          if need is not None]

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -100,6 +101,19 @@ def losses_resumed_in_parallel(
     shutil.copytree(folder / "single" / "checkpoint" / "step-1", folder / "parallel" / "checkpoint" / "step-1")
     parallel_losses = run_ranks(ranks, [*argv_for(folder / "parallel"), *parallel], folder / "losses.json")["losses"]
     return single, parallel_losses
+
+
+def check_plugins(*plugins: object, config: Any, parallel_dims: Any, model_spec: Any) -> Any:
+    """The checks ``plait train`` runs before any work, with only ``plugins`` (modules or
+    objects) enabled: their declared needs, the sequence length those imply, their
+    ``plait_validate``. Returns the resolved ``Job``. For tests of a plugin's own checks."""
+    from plait.job import resolve_with_plugins
+    from plait.plugins import PluginManager
+
+    manager = PluginManager()
+    for index, plugin in enumerate(plugins):
+        manager.register_object(plugin, getattr(plugin, "__name__", f"plugin{index}"))
+    return resolve_with_plugins(config, manager, model_spec, parallel_dims)
 
 
 def _rank_main() -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from plait.config import JobConfig
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
+from plait.testing import check_plugins
 from plait_context_parallel import cpu_ring_attention, plugin
 from plait_context_parallel.attention import attention_module_paths, local_block_mask, pattern_matches
 from plait_context_parallel.config import ContextParallelConfig
@@ -131,7 +132,7 @@ def _config(seq_len: int = 64, rotate_method: str = "allgather") -> JobConfig:
 
 def _validate(config: JobConfig, *, cp: int = 2, tp: int = 1, spec=None) -> None:
     dims = ParallelDims(cp=cp, tp=tp, dp_shard=1, world_size=cp * tp)
-    plugin.plait_validate(config=config, parallel_dims=dims, model_spec=spec or llama3_spec())
+    check_plugins(plugin, config=config, parallel_dims=dims, model_spec=spec or llama3_spec())
 
 
 def test_valid_llama3_job_passes():
@@ -152,15 +153,18 @@ def test_model_without_attention_module_patterns_is_refused():
 
 
 def test_seq_len_must_split_into_2cp_chunks_and_a_valid_length_is_suggested():
-    with pytest.raises(ConfigError, match=r"seq_len 60 must be a multiple of 8: .* 2 × cp = 8 .*seq_len 56"):
+    with pytest.raises(ConfigError, match=r"seq_len 60 must be a multiple of 8: .*2 × cp = 8 .*seq_len 56"):
         _validate(_config(seq_len=60), cp=4)
     with pytest.raises(ConfigError, match=r"seq_len 2 must be a multiple of 4.*--training.seq_len 4"):
         _validate(_config(seq_len=2), cp=2)
 
 
-def test_seq_len_must_also_split_over_sequence_parallel_ranks():
-    with pytest.raises(ConfigError, match="multiple of 8: .*sequence parallelism splits them over tp 2"):
-        _validate(_config(seq_len=68), cp=2, tp=2)
+def test_the_chunks_are_declared_whatever_the_other_degrees():
+    """The core multiplies them with the other plugins' splits (sequence parallelism's tp)."""
+    for tp in (1, 2):
+        dims = ParallelDims(cp=4, tp=tp, dp_shard=1, world_size=4 * tp)
+        assert plugin.plait_run_needs(config=_config(), parallel_dims=dims, model_spec=llama3_spec()).sequence_splits == 8
+    assert plugin.plait_run_needs(config=_config(), parallel_dims=ParallelDims(world_size=1), model_spec=None) is None
 
 
 def test_unknown_rotate_method_is_refused_with_the_choices():

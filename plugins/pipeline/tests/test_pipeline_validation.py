@@ -9,6 +9,7 @@ import pytest
 from plait.config import JobConfig
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
+from plait.testing import check_plugins
 from plait_llama3.spec import FLAVORS, llama3_spec
 from plait_pipeline import plugin
 from plait_pipeline.config import SCHEDULE_NAMES, PipelineConfig
@@ -27,7 +28,7 @@ def job(*, flavor: str = "debugmodel_tiny4", local_batch_size: int = 4, compile:
 
 def validate(config: JobConfig, *, pp: int = 2, spec=SPEC) -> None:
     config.pipeline.validate()
-    plugin.plait_validate(config=config, parallel_dims=ParallelDims(pp=pp, world_size=pp), model_spec=spec)
+    check_plugins(plugin, config=config, parallel_dims=ParallelDims(pp=pp, world_size=pp), model_spec=spec)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)

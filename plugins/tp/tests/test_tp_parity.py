@@ -11,7 +11,7 @@ import torch
 from plait.config import JobConfig
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
-from plait.testing import run_ranks
+from plait.testing import check_plugins, run_ranks
 from plait_llama3.spec import TP_PLAN, llama3_spec
 from plait_tp import plugin
 from plait_tp.plan import StyleOptions, build_style, pattern_matches, resolve_plan
@@ -105,7 +105,18 @@ def _config(flavor: str = "debugmodel_tiny", **tp_options: bool) -> JobConfig:
 
 def _validate(config: JobConfig, tp: int, spec=None) -> None:
     dims = ParallelDims(tp=tp, dp_shard=1, world_size=tp)
-    plugin.plait_validate(config=config, parallel_dims=dims, model_spec=spec or llama3_spec())
+    check_plugins(plugin, config=config, parallel_dims=dims, model_spec=spec or llama3_spec())
+
+
+def test_sequence_parallelism_cuts_each_sequence_into_tp_shards():
+    with pytest.raises(ConfigError, match=r"seq_len 30 must be a multiple of 4: sequence parallelism .tp = 4"):
+        _validate(_with_seq_len(_config(), 30), tp=4)
+    _validate(_with_seq_len(_config(sequence_parallel=False), 30), tp=2)  # no split without it
+
+
+def _with_seq_len(config: JobConfig, seq_len: int) -> JobConfig:
+    config.training.seq_len = seq_len
+    return config
 
 
 def test_tp_that_does_not_divide_the_heads_is_refused_with_valid_degrees():
