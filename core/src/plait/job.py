@@ -4,8 +4,8 @@ returns the ``Job`` record that the trainer, ``plait plan`` and the plugins' val
 Resolution order: the config sections validate themselves; the model args of this run
 (the spec's ``seq_len_arg`` follows --training.seq_len); the parallel degrees against the
 world size; a plugin for every degree > 1; gradient accumulation; the plugins' declared
-needs (``plait_run_needs``) and the sequence length they imply; then every plugin's
-``plait_validate``.
+needs (``plait_run_needs``); every plugin's ``plait_validate``; the sequence length the needs
+imply.
 """
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ def resolve_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, worl
 
 def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelSpec,
                          parallel_dims: ParallelDims) -> Job:
-    """The plugins' part of ``resolve_job``: the model args of this run, the declared needs
-    and the sequence length they imply, then every ``plait_validate``."""
+    """The plugins' part of ``resolve_job``: the model args of this run, the declared needs,
+    every ``plait_validate``, then the sequence length the needs imply."""
     model_args = spec.args_for_run(config.model.flavor, config.training.seq_len)
     needs = RunNeeds.combine(
         [need for need in plugins.hook.plait_run_needs(config=config, parallel_dims=parallel_dims, model_spec=spec)
@@ -112,8 +112,8 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
         grad_accumulation_steps=grad_accumulation_steps(config, parallel_dims),
         needs=needs,
     )
-    check_sequence_length(config.training.seq_len, needs)
     plugins.hook.plait_validate(config=config, parallel_dims=parallel_dims, model_spec=spec, job=job)
+    check_sequence_length(config.training.seq_len, needs)
     return job
 
 
