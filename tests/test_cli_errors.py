@@ -40,6 +40,11 @@ def run(argv, capsys):
         (["--model.flavor", "huge"], "model 'llama3' has no flavor 'huge'; choose one of:"),
         (["--parallelism.dp_shard", "2"], "world size is 1"),
         (["--training.global_batch_size", "6"], "must be a multiple of local_batch_size 4"),
+        (["--optimizer.lr", "inf"], "--optimizer.lr must be in (0, 10], got inf"),
+        (["--optimizer.lr", "1e39"], "--optimizer.lr must be in (0, 10], got 1e+39"),
+        (["--optimizer.weight_decay", "inf"], "--optimizer.weight_decay must be in [0, 1000], got inf"),
+        (["--optimizer.eps", "nan"], "--optimizer.eps must be in (0, 1), got nan"),
+        (["--training.max_norm", "nan"], "--training.max_norm must be finite and >= 0, got nan"),
     ],
 )
 def test_config_errors_exit_2_before_work(tmp_path, capsys, extra, expected):

@@ -11,10 +11,17 @@ Recipes (``config_registry.py`` in a model package) are functions returning a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from plait.errors import ConfigError
+
+
+#: Bounds past which a value can only produce non-finite weights (AdamW's update is about
+#: lr per step; decoupled weight decay multiplies the weights by 1 - lr * weight_decay).
+MAX_LEARNING_RATE = 10.0
+MAX_WEIGHT_DECAY = 1e3
 
 
 def _require(condition: bool, message: str) -> None:
@@ -69,7 +76,7 @@ class TrainingSection:
             self.global_batch_size == -1 or self.global_batch_size > 0,
             f"--training.global_batch_size must be positive or -1, got {self.global_batch_size}",
         )
-        _require(self.max_norm >= 0, f"--training.max_norm must be >= 0, got {self.max_norm}")
+        _require(0 <= self.max_norm < math.inf, f"--training.max_norm must be finite and >= 0, got {self.max_norm}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,10 +92,13 @@ class OptimizerSection:
     torch has no fused kernel for the parameters' device or dtype."""
 
     def validate(self) -> None:
-        _require(self.lr > 0, f"--optimizer.lr must be positive, got {self.lr}")
+        _require(0 < self.lr <= MAX_LEARNING_RATE,
+                 f"--optimizer.lr must be in (0, {MAX_LEARNING_RATE:g}], got {self.lr}: a larger (or infinite) "
+                 "learning rate only produces non-finite weights")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--optimizer.beta1/beta2 must be in [0, 1)")
-        _require(self.eps > 0, f"--optimizer.eps must be positive, got {self.eps}")
-        _require(self.weight_decay >= 0, "--optimizer.weight_decay must be >= 0")
+        _require(0 < self.eps < 1, f"--optimizer.eps must be in (0, 1), got {self.eps}")
+        _require(0 <= self.weight_decay <= MAX_WEIGHT_DECAY,
+                 f"--optimizer.weight_decay must be in [0, {MAX_WEIGHT_DECAY:g}], got {self.weight_decay}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -203,8 +213,9 @@ class MoESection:
     """Balance loss per sequence (averaged) or over all tokens of a micro-batch."""
 
     def validate(self) -> None:
-        _require(self.load_balance_coeff >= 0, f"--moe.load_balance_coeff must be >= 0, got {self.load_balance_coeff}")
-        _require(self.aux_loss_coeff >= 0, f"--moe.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
+        _require(0 <= self.load_balance_coeff < math.inf,
+                 f"--moe.load_balance_coeff must be finite and >= 0, got {self.load_balance_coeff}")
+        _require(0 <= self.aux_loss_coeff < math.inf, f"--moe.aux_loss_coeff must be finite and >= 0, got {self.aux_loss_coeff}")
 
 
 @dataclass(kw_only=True)
