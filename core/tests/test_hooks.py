@@ -14,41 +14,10 @@ from plait import hookimpl
 from plait.config import JobConfig
 from plait.errors import ConfigError, PluginError
 from plait.job import resolve_job
-from plait.model_spec import ModelSpec
-from plait.plugins import PluginManager
 from plait.train import Trainer
 from plait.train_state import RunNeeds
 
-VOCAB = 2048  # the embedded tokenizer's
-
-
-class ToyLM(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(VOCAB, dim)
-        self.layers = nn.ModuleList([nn.Linear(dim, dim)])
-        self.head = nn.Linear(dim, VOCAB)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(tokens)
-        for layer in self.layers:
-            hidden = hidden + torch.tanh(layer(hidden))
-        return self.head(hidden)
-
-    def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-
-
-class MarkedLinear(nn.Linear):
-    """What the toy conversion swaps the head for."""
-
-
-TOY_SPEC = ModelSpec(name="hooktoy", flavors={"tiny": 16}, build=ToyLM, flops_per_token=lambda dim, seq: 6.0 * dim)
-
+from toy_model import TOY_SPEC, MarkedLinear, ToyModelPlugin, manager_with, toy_config, train_toy
 
 class Counter:
     """A stateful object a plugin adds to every checkpoint."""
@@ -126,38 +95,6 @@ class LifecyclePlugin:
         self.logged.append((step, set(metrics)))
 
 
-def toy_config(folder, *, steps: int = 3, **training) -> JobConfig:
-    config = JobConfig()
-    config.model.name, config.model.flavor = "hooktoy", "tiny"
-    config.job.dump_folder = str(folder)
-    config.training.steps = steps
-    config.training.seq_len = 16
-    config.training.local_batch_size = 2
-    for name, value in training.items():
-        setattr(config.training, name, value)
-    config.checkpoint.interval = 2
-    config.metrics.enable_tensorboard = False
-    config.metrics.log_freq = 2
-    config.lr_scheduler.warmup_steps = 0
-    return config
-
-
-def manager_with(*plugins: object) -> PluginManager:
-    manager = PluginManager()
-    for index, plugin in enumerate(plugins):
-        manager.register_object(plugin, f"throwaway{index}")
-    return manager
-
-
-def train_toy(config: JobConfig, *plugins: object):
-    manager = manager_with(*plugins)
-    trainer = Trainer(resolve_job(config, manager, manager.model_spec("hooktoy"), world_size=1))
-    try:
-        return trainer, trainer.train()
-    finally:
-        trainer.close()
-
-
 def test_lifecycle_hooks_are_called_in_order_and_their_results_used(tmp_path):
     plugin = LifecyclePlugin()
     trainer, result = train_toy(toy_config(tmp_path), plugin)
@@ -218,16 +155,6 @@ def test_process_group_hooks_replace_the_core_init_and_see_the_meshes(tmp_path, 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-class ToyModelPlugin:
-    PLAIT_API_VERSION = 1
-    PROVIDES = ("model:hooktoy",)
-    REQUIRES = ()
-
-    @hookimpl
-    def plait_register_models(self, register):
-        register(TOY_SPEC)
 
 
 class StepWrapper:

@@ -31,15 +31,20 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(kw_only=True, slots=True)
 class JobSection:
+    """Where the run writes and how its processes wait for each other."""
+
     dump_folder: str = "./outputs"
     """Folder for this run: resolved config, checkpoints, TensorBoard events."""
     description: str = ""
+    """Free text describing the run; recorded in the resolved config.json."""
     pg_timeout_seconds: int = 300
     """Timeout of collectives; a rank that waits longer fails instead of hanging."""
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelSection:
+    """Which model to build and where its initial weights come from."""
+
     name: str = ""
     """Registered model name, e.g. llama3 (set by --model or by the recipe)."""
     flavor: str = "debugmodel"
@@ -50,8 +55,12 @@ class ModelSection:
 
 @dataclass(kw_only=True, slots=True)
 class TrainingSection:
+    """Length of the run, batch shape and numerics."""
+
     steps: int = 10
+    """Optimizer steps to train for: the run stops after step N (a resumed run too)."""
     seq_len: int = 256
+    """Tokens per training sequence."""
     local_batch_size: int = 8
     """Sequences per micro-batch on each data-parallel rank."""
     global_batch_size: int = -1
@@ -62,6 +71,7 @@ class TrainingSection:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the model; master weights and optimizer state stay float32."""
     seed: int = 0
+    """Random seed of the run (torch.manual_seed): weight initialization and other random draws."""
     deterministic: bool = False
     """Use deterministic algorithms (slower; bit-exact reruns on the same hardware)."""
 
@@ -81,12 +91,20 @@ class TrainingSection:
 
 @dataclass(kw_only=True, slots=True)
 class OptimizerSection:
+    """The optimizer (AdamW); the learning rate follows --lr_scheduler.*."""
+
     name: Literal["AdamW"] = "AdamW"
+    """Optimizer to use."""
     lr: float = 8e-4
+    """Peak learning rate, reached at the end of warmup."""
     beta1: float = 0.9
+    """Decay rate of the first-moment (gradient mean) estimate."""
     beta2: float = 0.95
+    """Decay rate of the second-moment (squared gradient) estimate."""
     eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
     weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW); 0 disables it."""
     implementation: Literal["for-loop", "foreach", "fused"] = "fused"
     """AdamW's implementation; ``fused`` falls back to ``foreach`` (with a log line) where
     torch has no fused kernel for the parameters' device or dtype."""
@@ -106,10 +124,13 @@ class LRSchedulerSection:
     """Warmup-stable-decay: linear warmup, constant, then decay to min_lr_factor * lr."""
 
     warmup_steps: int = 2
+    """Steps of linear warmup up to --optimizer.lr."""
     decay_ratio: float | None = None
     """Fraction of the steps spent decaying; None = decay over all steps after warmup."""
     decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
+    """Shape of the decay phase."""
     min_lr_factor: float = 0.0
+    """Learning rate at the end of the decay, as a fraction of --optimizer.lr."""
 
     def validate(self) -> None:
         _require(self.warmup_steps >= 0, "--lr_scheduler.warmup_steps must be >= 0")
@@ -125,16 +146,25 @@ class ParallelismSection:
     """Parallel degrees. Their product must equal the world size (dp_shard -1 fills)."""
 
     dp_replicate: int = 1
+    """Data-parallel replicas (DDP, or HSDP with dp_shard > 1); needs the fsdp plugin when > 1."""
     dp_shard: int = -1
+    """Ranks that shard parameters (FSDP); -1 = the ranks left by the other degrees."""
     cp: int = 1
+    """Context-parallel degree: the sequence is split over this many ranks (context-parallel plugin)."""
     tp: int = 1
+    """Tensor-parallel degree (tp plugin)."""
     pp: int = 1
+    """Pipeline-parallel stages (pipeline plugin)."""
     ep: int = 1
+    """Expert-parallel degree for MoE models (ep plugin)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class ActivationCheckpointSection:
+    """Recompute activations in backward instead of keeping them: less memory, more compute."""
+
     mode: Literal["none", "full", "selective"] = "none"
+    """none keeps every activation; full recomputes each block; selective recomputes part."""
     selective_option: str = "op"
     """For selective: 'op' saves matmul/attention outputs and recomputes the rest;
     an integer N checkpoints every N-th block."""
@@ -149,28 +179,39 @@ class ActivationCheckpointSection:
 
 @dataclass(kw_only=True, slots=True)
 class CompileSection:
+    """torch.compile of the model's blocks."""
+
     enable: bool = False
     """torch.compile each transformer block (and the loss)."""
     backend: str = "inductor"
+    """torch.compile backend."""
 
 
 @dataclass(kw_only=True, slots=True)
 class DataSection:
+    """Training text and tokenizer."""
+
     dataset: str = ""
     """Local .jsonl/.json/.parquet/.txt file(s) or folder, or an HF dataset name;
     empty = the embedded corpus (no network needed)."""
     dataset_config: str = ""
     """HF dataset configuration name, if the dataset has several."""
     split: str = "train"
+    """Dataset split to read."""
     text_field: str = "text"
+    """Field of each record that holds the text."""
     streaming: bool = True
+    """Stream an HF dataset instead of downloading it whole first."""
     tokenizer: str = ""
     """Path to a tokenizer.json (or a folder holding one); empty = the embedded tokenizer."""
 
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointSection:
+    """Saving and resuming (torch.distributed.checkpoint)."""
+
     enable: bool = True
+    """Save checkpoints, and resume from the latest one in the folder if there is one."""
     folder: str = "checkpoint"
     """Relative to job.dump_folder."""
     interval: int = 500
@@ -178,6 +219,7 @@ class CheckpointSection:
     keep_latest_k: int = 3
     """Keep only the newest K checkpoints; 0 keeps all."""
     async_mode: Literal["disabled", "async"] = "disabled"
+    """async writes checkpoints in the background while training continues."""
     load_step: int = -1
     """Resume from this step; -1 = the latest complete checkpoint."""
 
@@ -188,8 +230,12 @@ class CheckpointSection:
 
 @dataclass(kw_only=True, slots=True)
 class MetricsSection:
+    """Console and TensorBoard metrics: loss, grad norm, tokens/s, TFLOPs, MFU, memory."""
+
     log_freq: int = 1
+    """Log metrics every N steps."""
     enable_tensorboard: bool = True
+    """Write TensorBoard events under job.dump_folder/metrics.tensorboard_folder."""
     tensorboard_folder: str = "tb"
     """Relative to job.dump_folder."""
     progress: Literal["auto", "on", "off"] = "auto"
@@ -197,6 +243,43 @@ class MetricsSection:
 
     def validate(self) -> None:
         _require(self.log_freq > 0, f"--metrics.log_freq must be positive, got {self.log_freq}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ProfilingSection:
+    """torch profiler traces of chosen steps (see docs/profiling.md). The schedule: skip
+    ``skip_steps``, then ``repeat`` windows of ``wait_steps`` idle, ``warmup_steps``
+    profiled but discarded, ``active_steps`` recorded."""
+
+    enable: bool = False
+    """Record profiler traces: one Chrome-trace JSON file per rank and window."""
+    skip_steps: int = 1
+    """Steps before the first window (the first step compiles and allocates)."""
+    wait_steps: int = 0
+    """Idle steps before each window."""
+    warmup_steps: int = 1
+    """Steps profiled and discarded before each window (the profiler's own start-up)."""
+    active_steps: int = 2
+    """Steps recorded in each window."""
+    repeat: int = 1
+    """Windows to record; 0 keeps recording windows until the run ends."""
+    folder: str = "profiles"
+    """Relative to job.dump_folder."""
+    record_shapes: bool = True
+    """Record the input shapes of each operator."""
+    profile_memory: bool = False
+    """Record tensor allocations and frees in the trace (every device, CPU included)."""
+    with_stack: bool = False
+    """Record Python stacks of each operator (large traces)."""
+    memory_snapshot: bool = False
+    """CUDA only: record the allocator's history and dump a snapshot after each window and
+    when a step runs out of memory (open it at pytorch.org/memory_viz)."""
+
+    def validate(self) -> None:
+        for name in ("skip_steps", "wait_steps", "warmup_steps", "repeat"):
+            value = getattr(self, name)
+            _require(value >= 0, f"--profiling.{name} must be >= 0, got {value}")
+        _require(self.active_steps >= 1, f"--profiling.active_steps must be >= 1, got {self.active_steps}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -232,6 +315,7 @@ class JobConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     moe: MoESection = field(default_factory=MoESection)
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.errors import ConfigError, TrainingDivergedError
+from plait.errors import ConfigError, PlaitError, TrainingDivergedError
 from plait.job import Job
+from plait.profiling import StepProfiler, StepTimes
 from plait.step import compiled_loss, token_cross_entropy
 from plait.train_state import DeviceInfo, StepContext
 
@@ -123,6 +124,7 @@ class Trainer:
         ) or optimizer
         self.lr_scheduler = build_lr_scheduler(config.lr_scheduler, self.optimizer, training.steps)
         self.train_state = TrainState()
+        self.step_times = StepTimes()
 
         from plait.checkpoint import CheckpointManager
 
@@ -294,8 +296,15 @@ class Trainer:
     # ----------------------------------------------------------------------- loop
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for inputs, labels in self.dataloader:
-            yield inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        iterator = iter(self.dataloader)
+        while True:
+            with self.step_times.waiting_for_data():
+                try:
+                    inputs, labels = next(iterator)
+                except StopIteration:
+                    return
+                inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield inputs, labels
 
     def train(self) -> TrainResult:
         config, pd = self.config, self.parallel_dims
@@ -305,9 +314,12 @@ class Trainer:
             logger.info("resumed from step %d", self.resumed_from)
         tokens_per_step = self.job.tokens_per_step // pd.dp_degree  # on this rank
         batches = self.batches()
-        with _StopRequest() as stop:
+        profiler = StepProfiler(config.profiling, dump_folder=config.job.dump_folder, rank=self.rank,
+                                device_type=self.device.type, first_step=self.resumed_from + 1)
+        with _StopRequest() as stop, profiler:
             for step in range(self.resumed_from + 1, total_steps + 1):
                 start = time.perf_counter()
+                self.step_times.reset()
                 ctx = StepContext(
                     step=step,
                     config=config,
@@ -323,9 +335,13 @@ class Trainer:
                     hook=self.hook,
                 )
                 lr = self.lr_scheduler.get_last_lr()[0]
-                step_loss = self.hook.plait_train_step(ctx=ctx)
-                loss = self._global_mean(step_loss)
-                grad_norm = float(ctx.results["grad_norm"])
+                try:
+                    step_loss = self.hook.plait_train_step(ctx=ctx)
+                except torch.OutOfMemoryError as error:
+                    raise self._out_of_memory(step, profiler, error) from None
+                with self.step_times.syncing():
+                    loss = self._global_mean(step_loss)
+                    grad_norm = float(ctx.results["grad_norm"])
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self._diverged(step, loss, grad_norm)
                 self.train_state.step = step
@@ -333,7 +349,8 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 metrics = self.metrics.record_step(
                     step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step * pd.dp_degree, seconds=seconds,
-                    extra=ctx.results.get("metrics"), details=ctx.results.get("metric_details"),
+                    extra=ctx.results.get("metrics"),
+                    details={**ctx.results.get("metric_details", {}), **self.step_times.as_metrics()},
                 )
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
@@ -344,12 +361,23 @@ class Trainer:
                 self.hook.plait_checkpoint_save(
                     checkpointer=self.checkpointer, step=step, force=step == total_steps or stopping
                 )
+                profiler.step_done(step)
                 if stopping:
                     result.stopped_by_signal = True
                     break
         self.checkpointer.wait()
         result.summary = self.metrics.summary()
         return result
+
+    def _out_of_memory(self, step: int, profiler: StepProfiler, error: Exception) -> PlaitError:
+        self.checkpointer.wait()
+        return PlaitError(
+            f"step {step} ran out of {self.device.type} memory ({str(error).splitlines()[0]}). The last "
+            "checkpoint is intact. Lower --training.local_batch_size (raise --training.global_batch_size "
+            "to keep the batch through accumulation) or --training.seq_len, set --activation_checkpoint.mode "
+            "full, or shard over more ranks; `plait plan` estimates the memory of a layout"
+            + profiler.out_of_memory(step)
+        )
 
     def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
         from plait.checkpoint import list_checkpoints
