@@ -1,54 +1,83 @@
 """`plait` command line: train, plugins, plan, convert.
 
-`plait train` parses in two phases: first the plugin/model selection (--plugins,
---model, --config), then the typed config of the core plus the enabled plugins'
-sections, so `--help` shows exactly the options of what is enabled.
+Every command is parsed by tyro from dataclasses, with one style of option names
+(``--section.field`` with underscores; hyphens are accepted too). The plugin/model
+selection (``--config``, ``--model``, ``--plugins``) is declared once (``Selection``) and
+shared by train, plan and plugins.
+
+`plait train` (and `plait plan`) parse in two phases: first the selection, which enables
+plugins, then the typed config of the core plus the enabled plugins' sections, so
+`--help` shows exactly the options of what is enabled.
 """
 from __future__ import annotations
 
-import argparse
+import ast
 import dataclasses
+import difflib
 import gc
+import importlib.util
 import json
 import logging
 import os
 import sys
-from typing import Any, NoReturn
+import textwrap
+from importlib import metadata
+from typing import Annotated, Any, Literal, NoReturn
+
+import tyro
 
 from plait.errors import ConfigError, PlaitError
 
-USAGE = """usage: plait <command> [options]
-
-commands:
-  train      train a model: plait train --config llama3_debugmodel [--section.field value ...]
-  plugins    list installed plugins and recipes
-  plan       dry run at any scale: memory, parameters and FLOPs per rank, from one process
-  convert    export a plait checkpoint to a Hugging Face folder
-
-`plait <command> --help` shows the options of a command."""
+COMMANDS = {
+    "train": "train a model: plait train --config llama3_debugmodel [--section.field value ...]",
+    "plugins": "list installed plugins (what each provides, enabled or not), models and recipes",
+    "plan": "dry run at any scale: memory, parameters and FLOPs per rank, from one process",
+    "convert": "export a plait checkpoint to a Hugging Face folder",
+}
 
 logger = logging.getLogger("plait")
 
+#: how every command is parsed: option names as the fields are spelled, booleans take a value
+_TYRO_CONFIG = (tyro.conf.FlagConversionOff,)
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `plait` command; returns its exit status (2: bad command line or config)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    commands = {"train": train_command, "plugins": plugins_command, "plan": plan_command, "convert": convert_command}
     try:
-        if command not in commands:
-            raise ConfigError(f"unknown command {command!r}; choose one of: {', '.join(commands)}")
-        return commands[command](rest)
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage())
+            return 0
+        if argv[0] in ("-V", "--version"):
+            print(version_line())
+            return 0
+        command, rest = argv[0], argv[1:]
+        handlers = {"train": train_command, "plugins": plugins_command, "plan": plan_command,
+                    "convert": convert_command}
+        if command not in handlers:
+            if command.startswith("-"):
+                raise ConfigError(f"the command comes first: plait <command> {command} ... "
+                                  f"(commands: {', '.join(handlers)}; see plait --help)")
+            close = difflib.get_close_matches(command, list(handlers), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown command {command!r}.{hint} Choose one of: {', '.join(handlers)}")
+        return handlers[command](rest)
     except PlaitError as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except SystemExit as exc:  # tyro's --help (0) and its option errors (2), already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 def program() -> NoReturn:
     """The `plait` executable: ``main()`` and its exit code."""
-    exit_process(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `plait train --help | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    exit_process(code)
 
 
 def exit_process(code: int, *, distributed: bool | None = None) -> NoReturn:
@@ -67,49 +96,320 @@ def exit_process(code: int, *, distributed: bool | None = None) -> NoReturn:
     sys.exit(code)
 
 
+# --------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(kw_only=True)
+class Selection:
+    """What to train and which plugins to enable (parsed first: the enabled plugins add
+    their own ``--<plugin>.*`` options)."""
+
+    config: Annotated[str, tyro.conf.arg(metavar="RECIPE")] = ""
+    """Named recipe to start from, e.g. llama3_debugmodel (enables its model package)."""
+    model: Annotated[str, tyro.conf.arg(metavar="NAME")] = ""
+    """Model to train, e.g. llama3 (enables the package providing it); optional with --config."""
+    plugins: Annotated[str, tyro.conf.arg(metavar="A,B")] = ""
+    """Comma-separated plugins to enable, e.g. fsdp,tp; each adds its --<plugin>.* options."""
+
+    @property
+    def plugin_names(self) -> list[str]:
+        return [p.strip() for p in self.plugins.split(",") if p.strip()]
+
+
+@dataclasses.dataclass(kw_only=True)
+class PlanOptions:
+    """Options of `plait plan` (besides those of `plait train`)."""
+
+    world_size: Annotated[int, tyro.conf.arg(metavar="N")] = 0
+    """Number of ranks to plan for (required), e.g. 512 (--world-size works too)."""
+    json: Annotated[str, tyro.conf.arg(metavar="FILE")] = ""
+    """Also write the plan as JSON to this file."""
+    device_memory_gib: Annotated[float, tyro.conf.arg(metavar="GIB")] = 0.0
+    """Memory of one device in GiB: ranks whose estimated peak exceeds it are flagged (0: no check)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConvertOptions:
+    checkpoint: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CHECKPOINT")]
+    """A checkpoint folder, e.g. outputs/checkpoint/step-50."""
+    output: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUTPUT")]
+    """The Hugging Face folder to write."""
+    model: Annotated[str, tyro.conf.arg(metavar="NAME")] = ""
+    """Model name (default: from the run's config.json)."""
+    flavor: Annotated[str, tyro.conf.arg(metavar="FLAVOR")] = ""
+    """Model flavor (default: from the run's config.json)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the written floating-point weights (the checkpoint stores float32)."""
+
+
+def _parse(cls: type, argv: list[str], *, prog: str, description: str | None = None,
+           default: Any = tyro.MISSING_NONPROP, partial: bool = False,
+           selection: Selection | None = None) -> Any:
+    """The one way plait parses a command line. ``partial``: phase 1 of a two-phase parse,
+    which returns (parsed, the args left) and leaves --help to phase 2. Otherwise an option
+    that ``cls`` lacks is one ``ConfigError`` with close matches (or the plugin that adds it)."""
+    parsed, unknown = tyro.cli(cls, args=argv, prog=prog, description=description, default=default,
+                               return_unknown_args=True, add_help=not partial, use_underscores=True,
+                               config=_TYRO_CONFIG)
+    if partial:
+        return parsed, unknown
+    if unknown:
+        _reject_unknown(unknown, cls, prog, selection or Selection())
+    return parsed
+
+
+def _option_names(cls: type, prefix: str = "") -> list[str]:
+    """``--section.field`` names of a dataclass as plait parses it (for suggestions only)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:  # noqa: BLE001 - suggestions are best effort
+        return []
+    positional = typing.get_args(tyro.conf.Positional[int])[1]
+    names = []
+    for f in dataclasses.fields(cls):
+        kind, markers = hints.get(f.name), ()
+        if typing.get_origin(kind) is Annotated:
+            kind, *markers = typing.get_args(kind)
+        if positional in markers:
+            continue
+        flat = any(getattr(marker, "name", None) == "" for marker in markers)
+        name = prefix if flat else f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(kind):
+            names += _option_names(kind, name)  # type: ignore[arg-type]
+        else:
+            names.append("--" + name)
+    return names
+
+
+def _reject_unknown(unknown: list[str], cls: type, prog: str, selection: Selection) -> NoReturn:
+    options = [a.split("=", 1)[0] for a in unknown if a.startswith("-") and a != "--"]
+    if not options:
+        raise ConfigError(f"unexpected argument{'s' if len(unknown) > 1 else ''} "
+                          f"{' '.join(unknown)} (see {prog} --help)")
+    known = _option_names(cls)
+    sections = {n[2:].split(".", 1)[0] for n in known if "." in n}
+    _check_plugin_options(options, sections, selection)
+    option = options[0]
+    normalized = "--" + option.lstrip("-").replace("-", "_")
+    leaf = normalized.rsplit(".", 1)[-1].lstrip("-")
+    close = [n for n in known if n.rsplit(".", 1)[-1].lstrip("-") == leaf and n != normalized]
+    close += [n for n in difflib.get_close_matches(normalized, known, n=3, cutoff=0.7) if n not in close]
+    hint = f" Did you mean {' or '.join(close[:3])}?" if close else ""
+    rest = f" (also unrecognized: {' '.join(options[1:])})" if len(options) > 1 else ""
+    raise ConfigError(f"unrecognized option {option}.{hint}{rest} `{prog} --help` lists the options.")
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
+# --------------------------------------------------------------------------- installed plugins
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginInfo:
+    """What a plugin module declares, read without running it where possible."""
+
+    provides: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    description: str = ""
+    error: str = ""
+
+
+_DECLARED = {"PROVIDES": "provides", "REQUIRES": "requires", "DESCRIPTION": "description"}
+
+
+def _declared_in_source(module_name: str) -> PluginInfo | None:
+    """PROVIDES/REQUIRES/DESCRIPTION as literals in the module's source, or None (then the
+    module is imported). Locating the module imports its parent package only."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+        origin = spec.origin if spec else None
+        if not origin or not origin.endswith(".py"):
+            return None
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=origin)
+    except Exception:  # a broken plugin: the import fallback words the error
+        return None
+    values: dict[str, Any] = {}
+    for node in tree.body:
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in _DECLARED and node.value is not None:
+                try:
+                    values[_DECLARED[target.id]] = ast.literal_eval(node.value)
+                except ValueError:
+                    return None
+    return _info(values)
+
+
+def _info(values: dict[str, Any]) -> PluginInfo:
+    return PluginInfo(provides=tuple(str(v) for v in values.get("provides") or ()),
+                      requires=tuple(str(v) for v in values.get("requires") or ()),
+                      description=str(values.get("description") or ""))
+
+
+def plugin_info(plugin: Any) -> PluginInfo:
+    """PROVIDES, REQUIRES and DESCRIPTION of an installed plugin (``InstalledPlugin``)."""
+    module_name = plugin.entry_point.module
+    module = sys.modules.get(module_name)
+    if module is None:
+        info = _declared_in_source(module_name)
+        if info is not None:
+            return info
+        try:
+            module = plugin.import_module()
+        except PlaitError as exc:
+            return PluginInfo(error=str(exc))
+    return _info({field: getattr(module, name, None) for name, field in _DECLARED.items()})
+
+
+def installed_summary() -> tuple[dict[str, PluginInfo], list[str], list[str]]:
+    """(info by installed plugin, model names, recipe names), importing no plugin."""
+    from plait.plugins import installed_plugins, installed_recipes
+
+    plugins = installed_plugins()
+    infos = {name: plugin_info(plugin) for name, plugin in plugins.items()}
+    models = sorted(c[len("model:"):] for info in infos.values() for c in info.provides if c.startswith("model:"))
+    distributions = {plugin.distribution for plugin in plugins.values()}
+    recipes = [name for name, ep in installed_recipes().items()  # those of a visible plugin package
+               if ep.dist is None or ep.dist.metadata["Name"] in distributions]
+    return infos, models, recipes
+
+
+def _section_owners() -> dict[str, str]:
+    """Config section -> the installed plugin that adds it. Imports the light plugin
+    modules, so it runs only to word an error."""
+    from plait.plugins import installed_plugins
+
+    owners: dict[str, str] = {}
+    for name, plugin in installed_plugins().items():
+        try:
+            hook = getattr(plugin.import_module(), "plait_add_config_sections", None)
+            if hook is not None:
+                hook(register=lambda section, cls, _name=name: owners.setdefault(section, _name))
+        except Exception:  # noqa: BLE001 - a broken plugin owns nothing here
+            continue
+    return owners
+
+
+def _check_plugin_options(options: list[str], sections: set[str], selection: Selection) -> None:
+    """``--tp.sequence_parallel False`` without ``--plugins tp``: name the plugin to enable
+    instead of a bare "unrecognized option"."""
+    owners: dict[str, str] | None = None
+    for option in options:
+        if not option.startswith("--") or "." not in option:
+            continue
+        section = option[2:].split(".", 1)[0].replace("-", "_")
+        if section in sections:
+            continue
+        owners = _section_owners() if owners is None else owners
+        owner = owners.get(section)
+        if owner is None or owner in selection.plugin_names:
+            continue  # a plain unknown option: close matches are suggested
+        from plait.plugins import installed_plugins
+
+        info = plugin_info(installed_plugins()[owner])
+        if any(c.startswith("model:") for c in info.provides):
+            model = next(c[len("model:"):] for c in info.provides if c.startswith("model:"))
+            raise ConfigError(f"{option}: --{section}.* belongs to model package {owner!r}, which is not "
+                              f"enabled: it comes with --model {model}")
+        plugins = ",".join([*selection.plugin_names, owner])
+        raise ConfigError(f"{option}: --{section}.* belongs to plugin {owner!r}, which is not enabled: "
+                          f"add --plugins {plugins}")
+
+
+# --------------------------------------------------------------------------- help and version
+
+
+def version_line() -> str:
+    """plait's version, torch's (read from its metadata, not imported) and the plugin count."""
+    from plait import __version__
+    from plait.plugins import installed_plugins
+
+    try:
+        torch = f", torch {metadata.version('torch')}"
+    except metadata.PackageNotFoundError:
+        torch = ", torch not installed"
+    count = len(installed_plugins())
+    return f"plait {__version__}{torch}, {count} plugin{'s' if count != 1 else ''} installed"
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The docstrings of ``cls``'s fields (what tyro shows as their help)."""
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def _installed_lines() -> list[str]:
+    infos, models, recipes = installed_summary()
+    plugins = [name for name, info in infos.items() if not any(c.startswith("model:") for c in info.provides)]
+    lines = []
+    for title, names in (("recipes (--config)", recipes), ("models (--model)", models),
+                         ("plugins (--plugins)", plugins)):
+        lines += textwrap.wrap(", ".join(names) or "none", width=100, initial_indent=f"  {title + ':':<21} ",
+                               subsequent_indent=" " * 24)
+    return lines
+
+
+def usage() -> str:
+    """`plait --help`."""
+    metavars = {"config": "RECIPE", "model": "NAME", "plugins": "A,B"}
+    lines = ["usage: plait [-h] [--version] <command> [options]", "", "commands:"]
+    lines += [f"  {name:<17} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "selection (train, plan and plugins parse it first):"]
+    lines += [f"  {'--' + name + ' ' + metavars[name]:<17} {text}" for name, text in _field_help(Selection).items()]
+    lines += ["", "options:",
+              f"  {'-h, --help':<17} this help; `plait <command> --help` shows every option of a command",
+              f"  {'-V, --version':<17} plait's version, torch's and the number of installed plugins",
+              "", "installed (see `plait plugins`):", *_installed_lines(), "",
+              "Config options are --section.field VALUE (e.g. --training.steps 20); each enabled plugin",
+              "adds its own section. Option names are spelled with underscores; hyphens work too",
+              "(--world-size = --world_size). Example:",
+              "  plait train --config llama3_debugmodel --plugins fsdp --training.steps 20 --help"]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- selection
 
 
-@dataclasses.dataclass
-class Selection:
-    plugins: list[str]
-    model: str
-    recipe: str
-    help: bool
+def parse_selection(argv: list[str], *, prog: str = "plait train") -> tuple[Selection, list[str]]:
+    """Phase 1: the selection; the rest of ``argv`` (--help included) is left for phase 2."""
+    return _parse(Selection, argv, prog=prog, partial=True)
 
 
-def parse_selection(argv: list[str]) -> tuple[Selection, list[str]]:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--plugins", default="")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--config", default="")
-    parser.add_argument("-h", "--help", action="store_true")
-    known, rest = parser.parse_known_args(argv)
-    plugins = [p.strip() for p in known.plugins.split(",") if p.strip()]
-    return Selection(plugins=plugins, model=known.model, recipe=known.config, help=known.help), rest
-
-
-def select_plugins(selection: Selection):
+def select_plugins(selection: Selection, *, for_help: bool = False):
     """Enable the model plugin and --plugins; return (manager, base config)."""
     from plait.config import JobConfig
     from plait.plugins import PluginManager, installed_recipes, recipe_owner
 
     manager = PluginManager()
     base = JobConfig()
-    if selection.recipe:
-        owner, recipe = recipe_owner(selection.recipe)
+    if selection.config:
+        owner, recipe = recipe_owner(selection.config)
         manager.enable([owner])
         base = recipe()
         if not isinstance(base, JobConfig):
-            raise ConfigError(f"recipe {selection.recipe!r} must return a plait.config.JobConfig, "
+            raise ConfigError(f"recipe {selection.config!r} must return a plait.config.JobConfig, "
                               f"got {type(base).__name__}")
     if selection.model:
-        if selection.recipe and base.model.name and base.model.name != selection.model:
-            raise ConfigError(f"--model {selection.model} conflicts with recipe {selection.recipe!r}, "
+        if selection.config and base.model.name and base.model.name != selection.model:
+            raise ConfigError(f"--model {selection.model} conflicts with recipe {selection.config!r}, "
                               f"which trains {base.model.name!r}: pass one of them")
         base.model.name = selection.model
-    if not base.model.name and selection.help:  # help for the core sections and --plugins
-        manager.enable(selection.plugins)
+    if not base.model.name and for_help:  # help for the core sections and --plugins
+        manager.enable(selection.plugin_names)
         return manager, base
     if not base.model.name:
         models = manager.installed_models()
@@ -118,7 +418,7 @@ def select_plugins(selection: Selection):
             f"{', '.join(installed_recipes()) or 'none'}) or --model NAME (installed: {', '.join(models) or 'none'})"
         )
     manager.enable_model(base.model.name)
-    manager.enable(selection.plugins)
+    manager.enable(selection.plugin_names)
     return manager, base
 
 
@@ -131,39 +431,64 @@ def build_config_class(sections: dict[str, type]) -> type:
     return dataclasses.make_dataclass("JobConfig", fields, bases=(JobConfig,), kw_only=True)
 
 
-def parse_config(manager, base, argv: list[str], *, prog: str = "plait train"):
-    """The full typed config: the base (recipe) with command-line overrides applied."""
-    import tyro
+_DESCRIPTIONS = {
+    "plait train": "Train a model.",
+    "plait plan": (
+        "Dry run at any scale: builds the meshes and the parallelized model of the run for "
+        "--world_size ranks in this one process (a fake process group stands in for the others), "
+        "then reports per rank the parameters, gradients, optimizer state, the activation peak of "
+        "one micro-batch, the estimated peak memory and the FLOPs per step. Invalid layouts fail "
+        "as they would on hardware. Takes every option of plait train."
+    ),
+}
 
+
+def _description(prog: str, manager) -> str:
+    infos, models, recipes = installed_summary()
+    plugins = [n for n, i in infos.items() if not any(c.startswith("model:") for c in i.provides)]
+    lines = [*textwrap.wrap(_DESCRIPTIONS.get(prog, ""), 80), "", *textwrap.wrap(
+        "Select first with --config RECIPE and/or --model NAME, and --plugins A,B: each enabled "
+        "plugin adds its own --<plugin>.* options below.", 80)]
+    for title, names in (("enabled", manager.enabled), ("installed recipes", recipes),
+                         ("installed models", models), ("installed plugins", plugins)):
+        lines += textwrap.wrap(", ".join(names) or "none", 80, initial_indent=f"  {title + ':':<19} ",
+                               subsequent_indent=" " * 22)
+    return "\n".join(lines)
+
+
+def parse_config(manager, base, argv: list[str], *, prog: str = "plait train",
+                 selection: Selection | None = None, options: Any = None):
+    """Phase 2, the full typed config: the base (recipe) with command-line overrides applied.
+    ``selection`` and ``options`` (a command's own options, already parsed) only appear in
+    --help; ``argv`` no longer holds them."""
     cls = build_config_class(manager.config_sections)
     default = cls(**base.sections(), **{name: section() for name, section in manager.config_sections.items()})
-    description = (
-        "Train a model. Select first with --config RECIPE and/or --model NAME and --plugins a,b "
-        "(enabled plugins add their own sections below). "
-        f"Enabled plugins: {', '.join(manager.enabled) or 'none'}."
-    )
-    return tyro.cli(
-        cls,
-        default=default,
-        args=argv,
-        prog=prog,
-        description=description,
-        use_underscores=True,
-        config=(tyro.conf.FlagConversionOff,),
-    )
+    selection = selection or Selection()
+    flat = tyro.conf.arg(name="")  # no prefix: --config, --world_size, --training.steps
+    fields: list[tuple[str, Any]] = [("selection", Annotated[Selection, flat])]
+    values: dict[str, Any] = {"selection": selection}
+    if options is not None:
+        fields.append(("options", Annotated[type(options), flat]))
+        values["options"] = options
+    fields.append(("job_config", Annotated[cls, flat]))
+    values["job_config"] = default
+    command = dataclasses.make_dataclass("Command", fields, kw_only=True)
+    parsed = _parse(command, argv, prog=prog, description=_description(prog, manager), default=command(**values),
+                    selection=selection)
+    return parsed.job_config
 
 
-def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog: str = "plait train"):
+def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog: str = "plait train",
+                         options: Any = None):
     """Phase 1 + phase 2 + every check that runs before any work, once: the resolved ``Job``.
-    The world size is torchrun's unless given."""
-    from plait.job import resolve_job
+    The world size is torchrun's unless given. ``options``: the calling command's own
+    options (e.g. ``PlanOptions``), already parsed, shown by --help."""
+    selection, rest = parse_selection(argv, prog=prog)
+    manager, base = select_plugins(selection, for_help=_wants_help(rest))
+    config = parse_config(manager, base, rest, prog=prog, selection=selection, options=options)  # --help exits here
+    from plait.job import resolve_job  # imports torch: after --help and the option errors
     from plait.train import world_size_from_env
 
-    selection, rest = parse_selection(argv)
-    manager, base = select_plugins(selection)
-    if selection.help:
-        rest = [*rest, "--help"]
-    config = parse_config(manager, base, rest, prog=prog)  # --help prints and exits here
     spec = manager.model_spec(config.model.name)
     return resolve_job(config, manager, spec, world_size_from_env() if world_size is None else world_size)
 
@@ -223,75 +548,61 @@ def train(argv: list[str]):
 
 
 def plugins_command(argv: list[str]) -> int:
-    """List installed plugins (name, distribution, version, provides, hooks, enabled)."""
-    selection, rest = parse_selection(argv)
-    if rest or selection.help:
-        print("usage: plait plugins [--plugins a,b] [--model NAME] [--config RECIPE]\n"
-              "Lists installed plugins and recipes; with a selection, marks what it enables.")
-        return 0 if selection.help else 2
-    from plait.plugins import installed_plugins, installed_recipes
+    """List installed plugins (name, distribution, version, enabled, provides, description)."""
+    selection = _parse(Selection, argv, prog="plait plugins", description=(
+        "List the installed plugins (what each provides, enabled or not), models and recipes, "
+        "importing no plugin. With a selection, marks the plugins it enables."))
+    from plait.plugins import installed_plugins
 
     enabled: set[str] = set()
-    if selection.recipe or selection.model or selection.plugins:
+    if selection.config or selection.model or selection.plugins:
         manager, _ = select_plugins(selection)
         enabled = set(manager.enabled)
-    rows = [("NAME", "DISTRIBUTION", "VERSION", "ENABLED", "PROVIDES", "HOOKS")]
+    infos, models, recipes = installed_summary()
+    rows = [("NAME", "DISTRIBUTION", "VERSION", "ENABLED", "PROVIDES", "DESCRIPTION")]
     for name, plugin in installed_plugins().items():
-        try:
-            module = plugin.import_module()
-            provides = ",".join(getattr(module, "PROVIDES", ())) or "-"
-            hooks = ",".join(sorted(h[len("plait_"):] for h in dir(module) if h.startswith("plait_"))) or "-"
-        except PlaitError as exc:
-            provides, hooks = f"(import failed: {exc})", "-"
-        rows.append((name, plugin.distribution, plugin.version, "yes" if name in enabled else "no", provides, hooks))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        info = infos[name]
+        if info.error:
+            provides, description = "-", f"(import failed: {info.error})"
+        else:
+            provides = ",".join(info.provides) or "-"
+            description = info.description or "-"
+            if info.requires:
+                description += f" [requires: {', '.join(info.requires)}]"
+        rows.append((name, plugin.distribution, plugin.version, "yes" if name in enabled else "no",
+                     provides, description))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
-    recipes = installed_recipes()
-    print(f"\nrecipes ({len(recipes)}): " + (", ".join(recipes) or "none"))
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1])
+    print(f"\nmodels ({len(models)}): " + (", ".join(models) or "none"))
+    print(f"recipes ({len(recipes)}): " + (", ".join(recipes) or "none"))
     return 0
 
 
 def plan_command(argv: list[str]) -> int:
     """`plait plan --world-size N [train options]`: the run's layout and memory per rank."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--world-size", "--world_size", type=int, default=0)
-    parser.add_argument("--json", default="")
-    parser.add_argument("--device-memory-gib", "--device_memory_gib", type=float, default=0.0)
-    known, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print("usage: plait plan --world-size N [--json FILE] [--device-memory-gib G] "
-              "--config RECIPE [--plugins a,b] [the options of plait train]\n\n"
-              "Builds the meshes and the parallelized model of the run for N ranks in this one process "
-              "(a fake process group stands in for the others), then reports per rank the parameters, "
-              "gradients, optimizer state, the activation peak of one micro-batch, the estimated peak "
-              "memory and the FLOPs per step. Invalid layouts fail as they would on hardware.\n")
-    if known.world_size < 1 and not ("-h" in rest or "--help" in rest):
-        raise ConfigError("plait plan needs the number of ranks to plan for: --world-size N (e.g. --world-size 512)")
-    if known.device_memory_gib < 0:
-        raise ConfigError(f"--device-memory-gib must be >= 0, got {known.device_memory_gib}")
-    job = resolve_train_config(rest, world_size=known.world_size, prog="plait plan")
+    options, rest = _parse(PlanOptions, argv, prog="plait plan", partial=True)
+    if not _wants_help(rest):
+        if options.world_size < 1:
+            raise ConfigError("plait plan needs the number of ranks to plan for: --world-size N "
+                              "(e.g. --world-size 512)")
+        if options.device_memory_gib < 0:
+            raise ConfigError(f"--device-memory-gib must be >= 0, got {options.device_memory_gib}")
+    job = resolve_train_config(rest, world_size=options.world_size, prog="plait plan", options=options)
     from plait.plan import format_plan, plan
 
     result = plan(job)
-    print(format_plan(result, device_memory_gib=known.device_memory_gib))
-    if known.json:
-        with open(known.json, "w") as f:
+    print(format_plan(result, device_memory_gib=options.device_memory_gib))
+    if options.json:
+        with open(options.json, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
     return 0
 
 
 def convert_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="plait convert",
-        description="Export a plait checkpoint (a step-N folder) to a Hugging Face folder that "
-        "transformers loads. Model and flavor default to those in the run's config.json.",
-    )
-    parser.add_argument("checkpoint", help="a checkpoint folder, e.g. outputs/checkpoint/step-50")
-    parser.add_argument("output", help="the Hugging Face folder to write")
-    parser.add_argument("--model", default="", help="model name (default: from the run's config.json)")
-    parser.add_argument("--flavor", default="", help="model flavor (default: from the run's config.json)")
-    args = parser.parse_args(argv)
+    args = _parse(ConvertOptions, argv, prog="plait convert", description=(
+        "Export a plait checkpoint (a step-N folder) to a Hugging Face folder that transformers "
+        "loads. Model and flavor default to those in the run's config.json."))
     model, flavor = args.model, args.flavor
     if not (model and flavor):
         run_config = _run_config_of(args.checkpoint)
@@ -299,12 +610,15 @@ def convert_command(argv: list[str]) -> int:
         flavor = flavor or run_config["model"]["flavor"]
     if not os.path.isdir(args.checkpoint):
         raise ConfigError(f"checkpoint folder {args.checkpoint!r} does not exist")
+    import torch
+
     from plait.hf import export_checkpoint_to_hf
     from plait.plugins import load_model_spec
 
     spec = load_model_spec(model)
-    export_checkpoint_to_hf(args.checkpoint, spec, spec.args_for(flavor), args.output)
-    print(f"wrote {model}/{flavor} in Hugging Face format to {args.output}")
+    export_checkpoint_to_hf(args.checkpoint, spec, spec.args_for(flavor), args.output,
+                            dtype=getattr(torch, args.dtype))
+    print(f"wrote {model}/{flavor} ({args.dtype}) in Hugging Face format to {args.output}")
     return 0
 
 
