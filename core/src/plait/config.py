@@ -204,6 +204,37 @@ class DataSection:
     """Stream an HF dataset instead of downloading it whole first."""
     tokenizer: str = ""
     """Path to a tokenizer.json (or a folder holding one); empty = the embedded tokenizer."""
+    held_out_share: float = 0.0
+    """Share of the documents (chosen by a hash of their text) that training never reads;
+    validation reads them unless --validation.dataset names other data. 0 holds none out."""
+
+    def validate(self) -> None:
+        _require(0.0 <= self.held_out_share < 1.0,
+                 f"--data.held_out_share must be in [0, 1), got {self.held_out_share}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ValidationSection:
+    """Held-out loss and perplexity during training (see docs/evaluation.md)."""
+
+    interval: int = 0
+    """Validate every N optimizer steps (and after the last); 0 turns validation off."""
+    steps: int = 4
+    """Batches per validation pass; every pass reads the same ones."""
+    local_batch_size: int = 0
+    """Sequences per validation batch on each data-parallel rank; 0 = --training.local_batch_size."""
+    dataset: str = ""
+    """Held-out data, as --data.dataset takes it; empty = the --data.held_out_share of the training data."""
+    dataset_config: str = ""
+    """HF dataset configuration of --validation.dataset."""
+    split: str = "train"
+    """Split of --validation.dataset to read."""
+
+    def validate(self) -> None:
+        _require(self.interval >= 0, f"--validation.interval must be >= 0 (0 = off), got {self.interval}")
+        _require(self.steps >= 1, f"--validation.steps must be >= 1, got {self.steps}")
+        _require(self.local_batch_size >= 0,
+                 f"--validation.local_batch_size must be >= 0 (0 = the training's), got {self.local_batch_size}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -316,6 +347,7 @@ class JobConfig:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     moe: MoESection = field(default_factory=MoESection)
     profiling: ProfilingSection = field(default_factory=ProfilingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -325,6 +357,12 @@ class JobConfig:
             check = getattr(section, "validate", None)
             if check is not None:
                 check()
+        _require(
+            not self.validation.interval or self.validation.dataset or self.data.held_out_share > 0,
+            f"--validation.interval {self.validation.interval} needs held-out data: name it with "
+            "--validation.dataset, or hold out a share of the training data with --data.held_out_share "
+            "(e.g. 0.01)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(section) for name, section in self.sections().items()}

@@ -246,6 +246,15 @@ def plait_forward_backward(ctx: StepContext) -> torch.Tensor | None:
 
 
 @hookspec(firstresult=True)
+def plait_evaluate(ctx: StepContext) -> torch.Tensor | None:
+    """Forward only, without gradients, of one validation batch (``ctx.inputs``,
+    ``ctx.labels``), inside the ``plait_train_context`` contexts; return its mean loss,
+    the same on every rank of the model (data-parallel ranks hold different batches).
+    first result wins; the pipeline plugin runs its schedule's forward-only pass here.
+    Return None to leave it to the core."""
+
+
+@hookspec(firstresult=True)
 def plait_train_step(ctx: StepContext) -> torch.Tensor | None:
     """One whole optimizer step (all micro-batches, clipping, optimizer step); returns the
     step's summed loss (also in ``ctx.results["loss"]``). replace or wrap: the core's

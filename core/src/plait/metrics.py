@@ -408,6 +408,17 @@ class MetricsProcessor:
             self.progress.update(step, step_seconds=seconds)
         return metrics
 
+    def record_scalars(self, step: int, values: dict[str, float], *, console: str) -> None:
+        """Scalars outside the step's own (validation): the ``console`` line, then every
+        value to TensorBoard under its name (logging rank only)."""
+        if not self.is_logging_rank:
+            return
+        self.log_text(console)
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, global_step=step)
+            self._writer.flush()
+
     def log_text(self, msg: str, *, level: int = logging.INFO) -> None:
         """A message through the console logger, printed above the progress line (logging rank only)."""
         if self.is_logging_rank:

@@ -93,6 +93,16 @@ def forward_backward_micro_batch(ctx: StepContext) -> torch.Tensor:
         return default_forward_backward(ctx) if loss is None else loss
 
 
+def evaluate_micro_batch(ctx: StepContext) -> torch.Tensor:
+    """The mean loss of ``ctx.inputs`` without gradients, inside the plugins' step contexts."""
+    with torch.no_grad(), train_contexts(ctx):
+        loss = ctx.hook.plait_evaluate(ctx=ctx)
+        if loss is None:
+            loss = ctx.loss_fn(ctx.model_parts[0](ctx.inputs), ctx.labels)
+            loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+    return loss.detach()
+
+
 def run_train_step(ctx: StepContext) -> torch.Tensor:
     """One optimizer step: micro-batches with gradient accumulation, clipping, AdamW, LR;
     returns the step's loss (summed over micro-batches, each already divided by their count)."""

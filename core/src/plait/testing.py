@@ -29,7 +29,8 @@ def free_port() -> int:
 
 
 def run_ranks(world_size: int, argv: list[str], out: Path, *, timeout: float = 240) -> dict[str, dict[int, float]]:
-    """Rank 0's ``{"losses": {step: loss}, "grad_norms": {step: norm}}`` of a distributed run."""
+    """Rank 0's ``{"losses": {step: loss}, "grad_norms": {step: norm}, "validation_losses":
+    {step: loss}}`` of a distributed run."""
     port = str(free_port())
     procs = []
     for rank in range(world_size):
@@ -54,7 +55,8 @@ def run_ranks(world_size: int, argv: list[str], out: Path, *, timeout: float = 2
         if proc.returncode != 0:
             raise AssertionError(f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}")
     raw = json.loads(Path(out).read_text())
-    return {key: {int(step): value for step, value in raw[key].items()} for key in ("losses", "grad_norms")}
+    return {key: {int(step): value for step, value in raw.get(key, {}).items()}
+            for key in ("losses", "grad_norms", "validation_losses")}
 
 
 def keep_determinism_setting(run):
@@ -70,11 +72,12 @@ def keep_determinism_setting(run):
 
 
 def train_in_this_process(argv: list[str]) -> dict[str, dict[int, float]]:
-    """``{"losses": {step: loss}, "grad_norms": {step: norm}}`` of a run in this process."""
+    """``{"losses": {step: loss}, "grad_norms": {step: norm}, "validation_losses": {step:
+    loss}}`` of a run in this process."""
     from plait.cli import train
 
     result = keep_determinism_setting(lambda: train(argv))
-    return {"losses": result.losses, "grad_norms": result.grad_norms}
+    return {"losses": result.losses, "grad_norms": result.grad_norms, "validation_losses": result.validation_losses}
 
 
 def max_differences(run: dict[str, dict[int, float]], reference: dict[str, dict[int, float]]) -> tuple[float, float]:
@@ -126,7 +129,8 @@ def _rank_main() -> None:
     result = train(argv)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
-            json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, f)
+            json.dump({"losses": result.losses, "grad_norms": result.grad_norms,
+                       "validation_losses": result.validation_losses}, f)
     exit_process(0)
 
 

@@ -49,6 +49,7 @@ class TrainState:
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
+    validation_losses: dict[int, float] = field(default_factory=dict)
     last_step: int = 0
     stopped_by_signal: bool = False
     summary: dict[str, float] = field(default_factory=dict)
@@ -108,6 +109,12 @@ class Trainer:
             dp_rank=pd.dp_rank(),
             dp_world_size=pd.dp_degree,
         )
+        self.validator = None
+        if config.validation.interval:
+            from plait.validation import Validator
+
+            self.validator = Validator(config, self.tokenizer, dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree,
+                                       device=self.device)
         self.grad_accumulation_steps = job.grad_accumulation_steps
         self.model_args = job.model_args
         self._check_vocab()
@@ -320,20 +327,7 @@ class Trainer:
             for step in range(self.resumed_from + 1, total_steps + 1):
                 start = time.perf_counter()
                 self.step_times.reset()
-                ctx = StepContext(
-                    step=step,
-                    config=config,
-                    parallel_dims=pd,
-                    model_parts=self.model_parts,
-                    optimizer=self.optimizer,
-                    lr_scheduler=self.lr_scheduler,
-                    loss_fn=self.loss_fn,
-                    grad_accumulation_steps=self.grad_accumulation_steps,
-                    needs=self.job.needs,
-                    pipeline=self.pipeline,
-                    batches=batches,
-                    hook=self.hook,
-                )
+                ctx = self._step_context(step, batches=batches)
                 lr = self.lr_scheduler.get_last_lr()[0]
                 try:
                     step_loss = self.hook.plait_train_step(ctx=ctx)
@@ -354,6 +348,8 @@ class Trainer:
                 )
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
+                if self.validator is not None and self.validator.due(step, total_steps):
+                    result.validation_losses[step] = self._validate(step)
                 result.losses[step] = loss
                 result.grad_norms[step] = grad_norm
                 result.last_step = step
@@ -368,6 +364,34 @@ class Trainer:
         self.checkpointer.wait()
         result.summary = self.metrics.summary()
         return result
+
+    def _validate(self, step: int) -> float:
+        assert self.validator is not None
+        outcome = self.validator.run(step, lambda: self._step_context(step, batches=None), self._global_mean)
+        self.metrics.record_scalars(
+            step, outcome.metrics(),
+            console=f"step {step}  validation loss {outcome.loss:.4f}  perplexity {outcome.perplexity:,.2f}  "
+                    f"({outcome.seconds:.2f} s)",
+        )
+        if self.rank == 0:
+            self.hook.plait_log_metrics(step=step, metrics=outcome.metrics(), config=self.config)
+        return outcome.loss
+
+    def _step_context(self, step: int, *, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None) -> StepContext:
+        return StepContext(
+            step=step,
+            config=self.config,
+            parallel_dims=self.parallel_dims,
+            model_parts=self.model_parts,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            loss_fn=self.loss_fn,
+            grad_accumulation_steps=self.grad_accumulation_steps if batches is not None else 1,
+            needs=self.job.needs,
+            pipeline=self.pipeline,
+            batches=batches,
+            hook=self.hook,
+        )
 
     def _out_of_memory(self, step: int, profiler: StepProfiler, error: Exception) -> PlaitError:
         self.checkpointer.wait()

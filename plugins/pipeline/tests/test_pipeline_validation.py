@@ -96,3 +96,12 @@ def test_compile_is_accepted_with_schedules_that_run_full_backward():
 def test_microbatch_counts_torch_accepts(schedule, microbatches):
     """Measured on torch 2.13 at pp 2 (2 stages per rank for the multi-stage schedules)."""
     validate(job(schedule=schedule, microbatches=microbatches, local_batch_size=microbatches))
+
+
+def test_validation_batches_must_have_the_training_shape():
+    config = job()
+    config.validation.interval, config.validation.local_batch_size = 2, 2
+    with pytest.raises(ConfigError, match="--validation.local_batch_size 2: under pipeline parallelism"):
+        validate(config)
+    config.validation.local_batch_size = 0
+    validate(config)

@@ -237,9 +237,59 @@ class _HFReader(DocumentReader):
         return texts
 
 
-def build_source(data: DataSection) -> DocumentSource:
+# ------------------------------------------------------------------ held-out share
+
+
+class HeldOutSplit(DocumentSource):
+    """The documents of ``source`` on one side of a deterministic split: a document is
+    held out when a hash of its text falls in the first ``share`` of the hash range, so
+    the split does not depend on order, position or layout, and training and validation
+    never share a document (equal texts fall on the same side)."""
+
+    def __init__(self, source: DocumentSource, *, share: float, held_out: bool) -> None:
+        self.source = source
+        self.share = share
+        self.held_out = held_out
+        side = "held-out" if held_out else "training"
+        self.identity = f"{source.identity}:{side} share {share!r}"
+
+    def keeps(self, text: str) -> bool:
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return (int.from_bytes(digest, "little") / 2**64 < self.share) == self.held_out
+
+    def open(self, position: Position) -> DocumentReader:
+        return _SplitReader(self, self.source.open(position))
+
+
+class _SplitReader(DocumentReader):
+    def __init__(self, split: HeldOutSplit, reader: DocumentReader) -> None:
+        self._split = split
+        self._reader = reader
+
+    def position(self) -> Position:
+        return self._reader.position()
+
+    def read(self, max_chars: int) -> list[str]:
+        kept: list[str] = []
+        while not kept:
+            texts = self._reader.read(max_chars)
+            if not texts:
+                return []
+            kept = [text for text in texts if self._split.keeps(text)]
+        return kept
+
+
+def build_source(data: DataSection, *, held_out: bool = False) -> DocumentSource:
     """The source ``data`` names; every user mistake is a ConfigError raised here,
-    before training starts."""
+    before training starts. With ``data.held_out_share`` > 0 it is the training side of
+    the split, or the held-out side with ``held_out``."""
+    source = _build_whole_source(data)
+    if data.held_out_share > 0:
+        source = HeldOutSplit(source, share=data.held_out_share, held_out=held_out)
+    return source
+
+
+def _build_whole_source(data: DataSection) -> DocumentSource:
     if not data.dataset:
         from plait.data.embedded import embedded_corpus
 

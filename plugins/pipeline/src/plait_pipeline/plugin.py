@@ -84,6 +84,13 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
                 "--parallelism.pp 1: set --parallelism.pp > 1 or drop the option"
             )
         return
+    validation_batch = config.validation.local_batch_size
+    if config.validation.interval and validation_batch not in (0, config.training.local_batch_size):
+        raise ConfigError(
+            f"--validation.local_batch_size {validation_batch}: under pipeline parallelism validation batches "
+            "run through the training schedule, whose microbatches have the training batch's shape; use "
+            f"--validation.local_batch_size 0 (the training's, {config.training.local_batch_size})"
+        )
     layout = _resolve_layout(job.meta_model, config, pp, model_spec, job.model_args)
     if layout.schedule.splits_backward and config.compile.enable:
         raise ConfigError(
@@ -163,3 +170,13 @@ def plait_forward_backward(ctx: StepContext) -> torch.Tensor | None:
     return runner.forward_backward(
         ctx.inputs, ctx.labels, loss_fn=ctx.loss_fn, grad_accumulation_steps=ctx.grad_accumulation_steps
     )
+
+
+@hookimpl
+def plait_evaluate(ctx: StepContext) -> torch.Tensor | None:
+    from plait_pipeline.runner import PipelineRunner
+
+    runner = ctx.pipeline.schedule if ctx.pipeline is not None else None
+    if not isinstance(runner, PipelineRunner):
+        return None
+    return runner.evaluate(ctx.inputs, ctx.labels, loss_fn=ctx.loss_fn)

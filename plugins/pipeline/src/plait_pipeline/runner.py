@@ -76,6 +76,18 @@ class PipelineRunner:
             self.schedule.step(*args, return_outputs=False)
         return self._shared_loss(microbatch_losses, device=inputs.device)
 
+    def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor, *, loss_fn: Callable[[Any, Any], torch.Tensor]
+                 ) -> torch.Tensor:
+        """Forward only (the schedule's ``eval``) of one batch; every pp rank returns its mean loss."""
+        self.loss.bind(loss_fn, divisor=self.microbatches)
+        args = (inputs,) if self.has_first_stage else ()
+        microbatch_losses: list[torch.Tensor] = []
+        if self.has_last_stage:
+            self.schedule.eval(*args, target=labels, losses=microbatch_losses, return_outputs=False)
+        else:
+            self.schedule.eval(*args, return_outputs=False)
+        return self._shared_loss(microbatch_losses, device=inputs.device)
+
     def _shared_loss(self, microbatch_losses: list[torch.Tensor], *, device: torch.device) -> torch.Tensor:
         """The sum of the microbatch losses, broadcast from the last stage over the pp group."""
         if self.has_last_stage:
