@@ -63,5 +63,5 @@ def test_training_starts_from_hf_weights_and_refuses_a_mismatch(tmp_path):
     from plait.errors import ConfigError
     import pytest
 
-    with pytest.raises(ConfigError, match="does not match llama3/debugmodel .*choose the matching --model.flavor"):
+    with pytest.raises(ConfigError, match="--model.flavor debugmodel does not match the checkpoint .*--model.flavor ''"):
         train(tiny_job(tmp_path / "mismatch", "--model.hf_dir", str(hf), "--model.flavor", "debugmodel", steps=1))

@@ -22,7 +22,8 @@ import os
 import sys
 import textwrap
 from importlib import metadata
-from typing import Annotated, Any, Literal, NoReturn
+import typing
+from typing import Annotated, Any, Literal, NoReturn, Optional
 
 import tyro
 
@@ -396,7 +397,9 @@ def select_plugins(selection: Selection, *, for_help: bool = False):
 
     manager = PluginManager()
     base = JobConfig()
-    if selection.config:
+    if is_config_file(selection.config):
+        base = load_config_file(selection.config, manager)
+    elif selection.config:
         owner, recipe = recipe_owner(selection.config)
         manager.enable([owner])
         base = recipe()
@@ -422,13 +425,126 @@ def select_plugins(selection: Selection, *, for_help: bool = False):
     return manager, base
 
 
-def build_config_class(sections: dict[str, type]) -> type:
+def is_config_file(name: str) -> bool:
+    """``--config`` names a saved config (a run's ``config.json``) rather than a recipe."""
+    return name.endswith(".json") or os.sep in name or os.path.isfile(name)
+
+
+def load_config_file(path: str, manager: Any) -> Any:
+    """The config a run saved (``<dump_folder>/config.json``), its plugins enabled; the
+    command line's options apply on top of it."""
     from plait.config import JobConfig
 
-    if not sections:
-        return JobConfig
+    try:
+        with open(path) as f:
+            document = json.load(f)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config {path} is not valid JSON ({error}); pass a config.json that plait "
+                          "train wrote, or a recipe name") from None
+    if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+        raise ConfigError(f"--config {path} is not a plait config: expected the JSON object plait train writes "
+                          "to <dump_folder>/config.json (with a 'model' section)")
+    document = dict(document)
+    plugins = document.pop("plugins", [])
+    document.pop("model_args", None)  # the resolved args, for reading; model.args holds the overrides
+    model_name = document["model"].get("name", "")
+    if model_name:
+        manager.enable_model(model_name)
+    manager.enable([name for name in plugins if name not in manager.enabled])
+    section_types = typing.get_type_hints(JobConfig)
+    plugin_types = manager.config_sections
+    unknown = sorted(set(document) - set(section_types) - set(plugin_types))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown section(s) {', '.join(unknown)} (a plugin that is not "
+                          "installed, or a config of another plait version)")
+    base = JobConfig(**{name: _section_from_dict(section_types[name], values, f"{path}: {name}")
+                        for name, values in document.items() if name in section_types})
+    base.plugin_sections = {name: _section_from_dict(plugin_types[name], values, f"{path}: {name}")
+                            for name, values in document.items() if name in plugin_types}
+    return base
+
+
+def _section_from_dict(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; its options: {', '.join(fields)}")
+    converted = {}
+    for name, value in values.items():
+        default = fields[name].default
+        converted[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    return cls(**converted)
+
+
+def build_config_class(sections: dict[str, type], model_section: type | None = None) -> type:
+    """The root config class of the command line: the core's sections, the enabled
+    plugins' and, once the model is known, a model section with its ``--model.args.*``."""
+    from plait.config import JobConfig
+
     fields = [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in sections.items()]
+    if model_section is not None:
+        fields.append(("model", model_section, dataclasses.field(default_factory=model_section)))
+    if not fields:
+        return JobConfig
     return dataclasses.make_dataclass("JobConfig", fields, bases=(JobConfig,), kw_only=True)
+
+
+def model_section_class(spec: Any) -> type | None:
+    """``--model.*`` with a typed ``--model.args.FIELD`` for every scalar field of the
+    model's args dataclass (None: keep the flavor's or the checkpoint's value)."""
+    from plait.config import ModelSection
+    from plait.model_args import scalar_fields
+
+    args_class = type(next(iter(spec.flavors.values()), None))
+    if not dataclasses.is_dataclass(args_class):
+        return None
+    args_help = _field_help(args_class) if _has_source(args_class) else {}
+    overrides = dataclasses.make_dataclass(
+        f"{args_class.__name__}Overrides",
+        [(name, Annotated[Optional[kind], tyro.conf.arg(help=args_help.get(name, f"{spec.name} model arg"))],
+          dataclasses.field(default=None)) for name, kind in scalar_fields(args_class).items()],
+        kw_only=True,
+    )
+    model_help = _field_help(ModelSection)
+    fields = [(f.name, Annotated[f.type if isinstance(f.type, type) else str, tyro.conf.arg(help=model_help.get(f.name))],
+               dataclasses.field(default=f.default)) for f in dataclasses.fields(ModelSection) if f.name != "args"]
+    fields.append(("args", Annotated[overrides, tyro.conf.arg(help=model_help.get("args"))],
+                   dataclasses.field(default_factory=overrides)))
+    return dataclasses.make_dataclass("ModelSection", fields, kw_only=True)
+
+
+def _has_source(cls: type) -> bool:
+    import inspect
+
+    try:
+        inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+    return True
+
+
+def _model_for_command_line(model_section: type, model: Any) -> Any:
+    """The recipe's (or saved config's) model section as ``model_section`` shows it."""
+    args_type = next(f.type for f in dataclasses.fields(model_section) if f.name == "args")
+    args_class = typing.get_args(args_type)[0] if typing.get_origin(args_type) is Annotated else args_type
+    known = {f.name for f in dataclasses.fields(args_class)}
+    scalars = {name: value for name, value in model.args.items() if name in known}
+    values = {f.name: getattr(model, f.name) for f in dataclasses.fields(model_section) if f.name != "args"}
+    return model_section(**values, args=args_class(**scalars))
+
+
+def _model_from_command_line(parsed: Any, base: Any) -> Any:
+    """Back to a plain ``ModelSection``: overrides given anywhere, the command line's last."""
+    from plait.config import ModelSection
+
+    given = {f.name: getattr(parsed.args, f.name) for f in dataclasses.fields(parsed.args)}
+    args = {**base.args, **{name: value for name, value in given.items() if value is not None}}
+    values = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(ModelSection) if f.name != "args"}
+    return ModelSection(**values, args=args)
 
 
 _DESCRIPTIONS = {
@@ -461,8 +577,13 @@ def parse_config(manager, base, argv: list[str], *, prog: str = "plait train",
     """Phase 2, the full typed config: the base (recipe) with command-line overrides applied.
     ``selection`` and ``options`` (a command's own options, already parsed) only appear in
     --help; ``argv`` no longer holds them."""
-    cls = build_config_class(manager.config_sections)
-    default = cls(**base.sections(), **{name: section() for name, section in manager.config_sections.items()})
+    model_section = model_section_class(manager.model_spec(base.model.name)) if base.model.name else None
+    cls = build_config_class(manager.config_sections, model_section)
+    sections = {**base.sections(), **{name: section() for name, section in manager.config_sections.items()},
+                **getattr(base, "plugin_sections", {})}
+    if model_section is not None:
+        sections["model"] = _model_for_command_line(model_section, base.model)
+    default = cls(**sections)
     selection = selection or Selection()
     flat = tyro.conf.arg(name="")  # no prefix: --config, --world_size, --training.steps
     fields: list[tuple[str, Any]] = [("selection", Annotated[Selection, flat])]
@@ -475,7 +596,10 @@ def parse_config(manager, base, argv: list[str], *, prog: str = "plait train",
     command = dataclasses.make_dataclass("Command", fields, kw_only=True)
     parsed = _parse(command, argv, prog=prog, description=_description(prog, manager), default=command(**values),
                     selection=selection)
-    return parsed.job_config
+    config = parsed.job_config
+    if model_section is not None:
+        config.model = _model_from_command_line(config.model, base.model)
+    return config
 
 
 def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog: str = "plait train",
@@ -493,14 +617,26 @@ def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog
     return resolve_job(config, manager, spec, world_size_from_env() if world_size is None else world_size)
 
 
-def write_resolved_config(config, manager) -> str:
-    os.makedirs(config.job.dump_folder, exist_ok=True)
-    path = os.path.join(config.job.dump_folder, "config.json")
+def write_resolved_config(config, manager, model_args: Any = None) -> str:
+    """The run's config as ``<dump_folder>/config.json`` (``--config`` loads it back), and
+    a copy per attempt in ``<dump_folder>/configs/attempt-N.json``, which later attempts
+    never overwrite. ``model_args``: the resolved model args, recorded for reading (and
+    for ``plait convert``)."""
+    from plait.model_args import args_to_dict
+
+    attempts = os.path.join(config.job.dump_folder, "configs")
+    os.makedirs(attempts, exist_ok=True)
     document = {"plugins": [n for n in manager.enabled], **config.to_dict()}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+    if model_args is not None and dataclasses.is_dataclass(model_args):
+        document["model_args"] = args_to_dict(model_args)
+    text = json.dumps(document, indent=2, sort_keys=False, default=str)
+    number = 1 + max((int(name[8:-5]) for name in os.listdir(attempts)
+                      if name.startswith("attempt-") and name[8:-5].isdigit()), default=0)
+    for path in (os.path.join(attempts, f"attempt-{number}.json"), os.path.join(config.job.dump_folder, "config.json")):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
     return path
 
 
@@ -534,7 +670,7 @@ def train(argv: list[str]):
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     if rank == 0:
-        path = write_resolved_config(config, manager)
+        path = write_resolved_config(config, manager, job.declared_model_args)
         logger.info("plugins: %s; resolved config: %s", ", ".join(manager.enabled), path)
     from plait.train import Trainer
 
@@ -603,22 +739,25 @@ def convert_command(argv: list[str]) -> int:
     args = _parse(ConvertOptions, argv, prog="plait convert", description=(
         "Export a plait checkpoint (a step-N folder) to a Hugging Face folder that transformers "
         "loads. Model and flavor default to those in the run's config.json."))
-    model, flavor = args.model, args.flavor
-    if not (model and flavor):
-        run_config = _run_config_of(args.checkpoint)
-        model = model or run_config["model"]["name"]
-        flavor = flavor or run_config["model"]["flavor"]
     if not os.path.isdir(args.checkpoint):
         raise ConfigError(f"checkpoint folder {args.checkpoint!r} does not exist")
+    run_config = {} if args.model and args.flavor else _run_config_of(args.checkpoint)
+    model = args.model or run_config["model"]["name"]
     import torch
 
     from plait.hf import export_checkpoint_to_hf
+    from plait.model_args import args_from_dict
     from plait.plugins import load_model_spec
 
     spec = load_model_spec(model)
-    export_checkpoint_to_hf(args.checkpoint, spec, spec.args_for(flavor), args.output,
-                            dtype=getattr(torch, args.dtype))
-    print(f"wrote {model}/{flavor} ({args.dtype}) in Hugging Face format to {args.output}")
+    if args.flavor or "model_args" not in run_config:
+        flavor = args.flavor or run_config["model"]["flavor"]
+        model_args, described = spec.args_for(flavor), f"{model}/{flavor}"
+    else:  # the run's resolved shape: any size the architecture allows, no flavor needed
+        args_class = type(next(iter(spec.flavors.values())))
+        model_args, described = args_from_dict(args_class, run_config["model_args"]), f"{model} (the run's shape)"
+    export_checkpoint_to_hf(args.checkpoint, spec, model_args, args.output, dtype=getattr(torch, args.dtype))
+    print(f"wrote {described} ({args.dtype}) in Hugging Face format to {args.output}")
     return 0
 
 

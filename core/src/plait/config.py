@@ -47,10 +47,14 @@ class ModelSection:
 
     name: str = ""
     """Registered model name, e.g. llama3 (set by --model or by the recipe)."""
-    flavor: str = "debugmodel"
-    """Flavor of the model: its published size or a debug size."""
+    flavor: str = ""
+    """Flavor of the model: its published size or a debug size. Empty: the shape of
+    --model.hf_dir's checkpoint, else debugmodel."""
     hf_dir: str = ""
-    """Initialize weights from this Hugging Face checkpoint folder (config.json + *.safetensors)."""
+    """Initialize weights from this Hugging Face checkpoint folder (config.json + *.safetensors);
+    the model's shape comes from its config.json."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the model args' fields (--model.args.FIELD VALUE), e.g. {"n_layers": 4}."""
 
 
 @dataclass(kw_only=True, slots=True)

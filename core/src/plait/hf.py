@@ -6,7 +6,6 @@ configs and tensor layouts are converted by the model spec's ``hf_adapter``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -55,10 +54,8 @@ def _weight_files(folder: Path) -> list[Path]:
     raise ConfigError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}{hint}; expected {_EXPECTED}")
 
 
-def load_hf_folder(hf_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read ``config.json`` and every tensor of an HF folder (on CPU, dtypes as stored)."""
-    from safetensors.torch import load_file
-
+def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of an HF folder, as a dict."""
     folder = Path(hf_dir)
     if not folder.is_dir():
         raise ConfigError(f"HF checkpoint folder {folder} does not exist; expected {_EXPECTED}")
@@ -67,6 +64,15 @@ def load_hf_folder(hf_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
     hf_config = _read_json(folder / CONFIG_FILE)
     if not isinstance(hf_config, dict):
         raise ConfigError(f"{folder / CONFIG_FILE} must hold a JSON object; expected {_EXPECTED}")
+    return hf_config
+
+
+def load_hf_folder(hf_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read ``config.json`` and every tensor of an HF folder (on CPU, dtypes as stored)."""
+    from safetensors.torch import load_file
+
+    folder = Path(hf_dir)
+    hf_config = read_hf_config(folder)
 
     state_dict: dict[str, torch.Tensor] = {}
     for shard in _weight_files(folder):
@@ -154,18 +160,6 @@ def _adapter(spec: ModelSpec) -> HFAdapter:
     return spec.hf_adapter
 
 
-def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:
-    if not overrides:
-        return args
-    known = {f.name for f in dataclasses.fields(args)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown model argument(s) {', '.join(unknown)}; valid ones: {', '.join(sorted(known))}"
-        )
-    return dataclasses.replace(args, **overrides)
-
-
 def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
     mismatched = [
@@ -194,6 +188,7 @@ def from_pretrained(
     ``arg_overrides`` replace fields of the model args read from ``config.json``
     (e.g. ``max_seq_len=4096`` for a shorter RoPE cache).
     """
+    from plait.model_args import replace_args
     from plait.plugins import load_model_spec
 
     spec = load_model_spec(model_name)
@@ -205,7 +200,7 @@ def from_pretrained(
             f"{hf_dir} holds a {', '.join(architectures)} checkpoint; model {model_name!r} reads "
             f"{', '.join(adapter.hf_architectures)}"
         )
-    args = _with_overrides(adapter.args_from_hf_config(hf_config), arg_overrides)
+    args = replace_args(adapter.args_from_hf_config(hf_config), arg_overrides, where="from_pretrained")
 
     model = spec.build_initialized(args, device=device)
     state_dict = {name: tensor.float() for name, tensor in adapter.from_hf(hf_state_dict, args).items()}

@@ -33,7 +33,10 @@ class Job:
     plugins: PluginManager
     spec: ModelSpec
     model_args: Any
-    """The flavor's args for this run."""
+    """The model args of this run (``seq_len_arg`` follows --training.seq_len)."""
+    declared_model_args: Any
+    """The same before the run's sequence length applies: the model as a checkpoint or an
+    export describes it (e.g. its full RoPE context)."""
     parallel_dims: ParallelDims
     grad_accumulation_steps: int
     needs: CombinedNeeds
@@ -98,7 +101,8 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
                          parallel_dims: ParallelDims) -> Job:
     """The plugins' part of ``resolve_job``: the model args of this run, the declared needs,
     every ``plait_validate``, then the sequence length the needs imply."""
-    model_args = spec.args_for_run(config.model.flavor, config.training.seq_len)
+    declared_model_args = resolve_model_args(spec, config)
+    model_args = spec.follow_seq_len(declared_model_args, config.training.seq_len)
     needs = RunNeeds.combine(
         [need for need in plugins.hook.plait_run_needs(config=config, parallel_dims=parallel_dims, model_spec=spec)
          if need is not None]
@@ -108,6 +112,7 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
         plugins=plugins,
         spec=spec,
         model_args=model_args,
+        declared_model_args=declared_model_args,
         parallel_dims=parallel_dims,
         grad_accumulation_steps=grad_accumulation_steps(config, parallel_dims),
         needs=needs,
@@ -115,6 +120,71 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
     plugins.hook.plait_validate(config=config, parallel_dims=parallel_dims, model_spec=spec, job=job)
     check_sequence_length(config.training.seq_len, needs)
     return job
+
+
+#: The flavor a model trains when neither --model.flavor nor --model.hf_dir says otherwise.
+DEFAULT_FLAVOR = "debugmodel"
+
+
+def resolve_model_args(spec: ModelSpec, config: JobConfig) -> Any:
+    """The model args the run declares: the shape of ``--model.hf_dir``'s checkpoint (which
+    a ``--model.flavor`` must then agree with) or of the flavor, with ``--model.args``
+    overrides on top. Without either, the flavor is ``debugmodel`` where the model has one."""
+    from plait.model_args import replace_args
+
+    model, seq_len = config.model, config.training.seq_len
+    if model.hf_dir:
+        args = hf_model_args(spec, model.hf_dir)
+        if model.flavor:
+            _check_flavor_matches(spec, model.flavor, args, model.hf_dir, seq_len)
+    else:
+        if not model.flavor:
+            if DEFAULT_FLAVOR not in spec.flavors:
+                raise ConfigError(
+                    f"model {spec.name!r} needs a shape: choose --model.flavor (one of "
+                    f"{', '.join(sorted(spec.flavors))}) or start from a checkpoint with --model.hf_dir"
+                )
+            model.flavor = DEFAULT_FLAVOR
+        args = spec.args_for(model.flavor)
+    return replace_args(args, model.args)
+
+
+def _check_flavor_matches(spec: ModelSpec, flavor: str, checkpoint_args: Any, hf_dir: str, seq_len: int) -> None:
+    """The flavor must build the checkpoint's tensors (the checkpoint's args, such as its
+    RoPE base, are the ones used); otherwise name the differing fields."""
+    from plait.model_args import differing_fields
+
+    ours, theirs = spec.args_for_run(flavor, seq_len), spec.follow_seq_len(checkpoint_args, seq_len)
+
+    def shapes(args: Any) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in spec.build_meta(args).state_dict().items()}
+
+    if shapes(ours) == shapes(theirs):
+        return
+    listed = "; ".join(f"{name}: flavor {a!r}, checkpoint {b!r}" for name, a, b in differing_fields(ours, theirs)[:6])
+    raise ConfigError(
+        f"--model.flavor {flavor} does not match the checkpoint in {hf_dir} ({listed}). The checkpoint's "
+        "config.json gives the shape: drop the flavor with --model.flavor ''"
+    )
+
+
+def hf_model_args(spec: ModelSpec, hf_dir: str) -> Any:
+    """The model args that an HF folder's ``config.json`` describes."""
+    from plait.hf import read_hf_config
+
+    if spec.hf_adapter is None:
+        raise ConfigError(f"model {spec.name!r} has no Hugging Face adapter; drop --model.hf_dir")
+    hf_config = read_hf_config(hf_dir)
+    architectures = hf_config.get("architectures") or []
+    if architectures and not set(architectures) & set(spec.hf_adapter.hf_architectures):
+        raise ConfigError(
+            f"{hf_dir} holds a {', '.join(architectures)} checkpoint; model {spec.name!r} reads "
+            f"{', '.join(spec.hf_adapter.hf_architectures)}"
+        )
+    try:
+        return spec.hf_adapter.args_from_hf_config(hf_config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{hf_dir}/config.json does not describe a {spec.name} model: {error!r}") from None
 
 
 def grad_accumulation_steps(config: JobConfig, parallel_dims: ParallelDims) -> int:

@@ -113,11 +113,14 @@ class ModelSpec:
 
     def args_for_run(self, flavor: str, seq_len: int) -> Any:
         """The flavor's args, with ``seq_len_arg`` (if declared) set to the run's sequence length."""
+        return self.follow_seq_len(self.args_for(flavor), seq_len)
+
+    def follow_seq_len(self, args: Any, seq_len: int) -> Any:
+        """``args`` with ``seq_len_arg`` (if declared) set to ``seq_len``."""
         import dataclasses
 
         from plait.errors import ConfigError
 
-        args = self.args_for(flavor)
         if self.seq_len_arg is None:
             return args
         if not (dataclasses.is_dataclass(args) and self.seq_len_arg in {f.name for f in dataclasses.fields(args)}):

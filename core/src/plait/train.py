@@ -3,6 +3,7 @@ the model chunks, the meshes, the step's contexts and (for pipelines) forward/ba
 through hooks, always in the fixed hook order (docs/plugins.md)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,18 +32,34 @@ def world_size_from_env() -> int:
 
 @dataclass
 class TrainState:
-    """Step counter and RNG, checkpointed as plain JSON data."""
+    """Step counter, RNG and what model the run trains, checkpointed as plain JSON data."""
 
     step: int = 0
     tokens_seen: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    """The model's name and declared args: a checkpoint of another model or shape is refused."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": torch.get_rng_state()}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": torch.get_rng_state(), "model": self.model}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("model")  # checkpoints before 2026-12 do not record it
+        if saved and self.model and saved != self.model:
+            raise ConfigError(_different_model(saved, self.model))
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         torch.set_rng_state(state["rng"])
+
+
+def _different_model(saved: dict[str, Any], ours: dict[str, Any]) -> str:
+    if saved.get("name") != ours.get("name"):
+        what = f"model {saved.get('name')!r}, this run trains {ours.get('name')!r}"
+    else:
+        theirs, mine = saved.get("args", {}), ours.get("args", {})
+        fields = sorted(name for name in set(theirs) | set(mine) if theirs.get(name) != mine.get(name))
+        what = "; ".join(f"{name}: checkpoint {theirs.get(name)!r}, this run {mine.get(name)!r}" for name in fields[:6])
+    return (f"the checkpoint to resume holds another model ({what}). Resume with the config that wrote it "
+            "(--config <dump_folder>/config.json), or start a fresh run in another --job.dump_folder")
 
 
 @dataclass
@@ -130,7 +147,12 @@ class Trainer:
             optimizer=optimizer, model_parts=self.model_parts, config=config
         ) or optimizer
         self.lr_scheduler = build_lr_scheduler(config.lr_scheduler, self.optimizer, training.steps)
-        self.train_state = TrainState()
+        from plait.model_args import args_to_dict
+
+        declared = job.declared_model_args
+        self.train_state = TrainState(model={
+            "name": spec.name, "args": args_to_dict(declared) if dataclasses.is_dataclass(declared) else repr(declared),
+        })
         self.step_times = StepTimes()
 
         from plait.checkpoint import CheckpointManager
@@ -264,35 +286,12 @@ class Trainer:
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def _check_hf_config(self, hf_dir: str, hf_config: dict) -> None:
-        """Refuse an HF checkpoint whose tensor shapes differ from the chosen flavor's."""
-
-        def shapes(args: Any) -> dict[str, tuple[int, ...]]:
-            return {name: tuple(t.shape) for name, t in self.spec.build_meta(args).state_dict().items()}
-
-        theirs = shapes(self.spec.hf_adapter.args_from_hf_config(hf_config))
-        ours = shapes(self.model_args)
-        differences = [
-            f"{name}: checkpoint {theirs.get(name, 'missing')}, flavor {ours.get(name, 'missing')}"
-            for name in sorted(set(theirs) | set(ours))
-            if theirs.get(name) != ours.get(name)
-        ]
-        if differences:
-            raise ConfigError(
-                f"the Hugging Face checkpoint in {hf_dir} does not match {self.spec.name}/"
-                f"{self.config.model.flavor} (" + "; ".join(differences[:4])
-                + ("; ..." if len(differences) > 4 else "") + "): choose the matching --model.flavor"
-            )
-
     def _load_hf_weights(self, hf_dir: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from plait.hf import load_hf_folder
 
-        if self.spec.hf_adapter is None:
-            raise ConfigError(f"model {self.spec.name!r} has no Hugging Face adapter; drop --model.hf_dir")
-        hf_config, hf_state = load_hf_folder(hf_dir)
-        self._check_hf_config(hf_dir, hf_config)
+        _, hf_state = load_hf_folder(hf_dir)  # the model args came from its config.json
         state = self.spec.hf_adapter.from_hf(hf_state, self.model_args)
         # A pipeline stage holds a subset of the model even when it is this rank's only part.
         options = StateDictOptions(full_state_dict=True, strict=self.pipeline is None)
