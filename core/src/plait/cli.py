@@ -577,7 +577,8 @@ def parse_config(manager, base, argv: list[str], *, prog: str = "plait train",
     """Phase 2, the full typed config: the base (recipe) with command-line overrides applied.
     ``selection`` and ``options`` (a command's own options, already parsed) only appear in
     --help; ``argv`` no longer holds them."""
-    model_section = model_section_class(manager.model_spec(base.model.name)) if base.model.name else None
+    spec = manager.model_specs.get(base.model.name)  # a missing model is reported once the config is parsed
+    model_section = model_section_class(spec) if spec is not None else None
     cls = build_config_class(manager.config_sections, model_section)
     sections = {**base.sections(), **{name: section() for name, section in manager.config_sections.items()},
                 **getattr(base, "plugin_sections", {})}
@@ -755,7 +756,11 @@ def convert_command(argv: list[str]) -> int:
         model_args, described = spec.args_for(flavor), f"{model}/{flavor}"
     else:  # the run's resolved shape: any size the architecture allows, no flavor needed
         args_class = type(next(iter(spec.flavors.values())))
-        model_args, described = args_from_dict(args_class, run_config["model_args"]), f"{model} (the run's shape)"
+        model_args = args_from_dict(args_class, run_config["model_args"])
+        run_model = run_config["model"]
+        described = f"{model}/{run_model['flavor']}" if run_model.get("flavor") else f"{model} (shape of {run_model.get('hf_dir')})"
+        if run_model.get("args"):
+            described += f" with {run_model['args']}"
     export_checkpoint_to_hf(args.checkpoint, spec, model_args, args.output, dtype=getattr(torch, args.dtype))
     print(f"wrote {described} ({args.dtype}) in Hugging Face format to {args.output}")
     return 0

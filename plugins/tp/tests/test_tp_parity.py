@@ -109,9 +109,9 @@ def _validate(config: JobConfig, tp: int, spec=None) -> None:
 
 
 def test_sequence_parallelism_cuts_each_sequence_into_tp_shards():
-    with pytest.raises(ConfigError, match=r"seq_len 30 must be a multiple of 4: sequence parallelism .tp = 4"):
-        _validate(_with_seq_len(_config(), 30), tp=4)
-    _validate(_with_seq_len(_config(sequence_parallel=False), 30), tp=2)  # no split without it
+    with pytest.raises(ConfigError, match=r"seq_len 31 must be a multiple of 2: sequence parallelism .tp = 2"):
+        _validate(_with_seq_len(_config(), 31), tp=2)
+    _validate(_with_seq_len(_config(sequence_parallel=False), 31), tp=2)  # no split without it
 
 
 def _with_seq_len(config: JobConfig, seq_len: int) -> JobConfig:
