@@ -8,7 +8,8 @@ Sessions (``nox --list`` shows them all):
 
 - ``<package>`` (``core``, ``llama3``, ``fsdp``, ...): a fresh environment with torch, the
   core, the package, the in-repo packages it declares (``plait-*`` in its
-  ``[project].dependencies``) and its ``test`` extra, nothing else; runs
+  ``[project].dependencies`` and its ``test`` extra, taken from this repository) and its
+  ``test`` extra, nothing else; runs
   ``pytest <package>/tests``. Proves the package works with only what it declares.
 - ``integration``: every package installed; runs ``pytest tests/``.
 - ``tests``: every package installed in editable mode in one environment; runs all the
@@ -68,6 +69,8 @@ class Package:
     """Distribution name, e.g. ``plait-llama3``."""
     in_repo_requires: tuple[str, ...] = ()
     """Names of the in-repo distributions it depends on (``plait`` and ``plait-*``)."""
+    in_repo_test_requires: tuple[str, ...] = ()
+    """In-repo distributions its ``test`` extra names (a model package its tests train)."""
     has_test_extra: bool = False
     problem: str = ""
     """Why its pyproject.toml could not be read; its sessions report it."""
@@ -88,12 +91,17 @@ def read_package(folder: Path) -> Package:
         requires = tuple(
             canonicalize_name(Requirement(text).name) for text in project.get("dependencies", [])
         )
+        test_requires = tuple(
+            canonicalize_name(Requirement(text).name)
+            for text in project.get("optional-dependencies", {}).get("test", [])
+        )
     except (OSError, KeyError, tomllib.TOMLDecodeError, InvalidRequirement) as error:
         return Package(folder=relative, problem=f"{relative}/pyproject.toml: {error!r}")
     return Package(
         folder=relative,
         name=canonicalize_name(project["name"]),
         in_repo_requires=tuple(name for name in requires if name == "plait" or name.startswith("plait-")),
+        in_repo_test_requires=tuple(name for name in test_requires if name.startswith("plait-")),
         has_test_extra="test" in project.get("optional-dependencies", {}),
     )
 
@@ -120,8 +128,10 @@ def require_readable(session: nox.Session, packages: list[Package]) -> None:
             session.error(f"cannot read {package.problem}")
 
 
-def with_dependencies(session: nox.Session, package: Package) -> list[Package]:
-    """The package and the in-repo packages it needs, dependencies first, core first of all."""
+def with_dependencies(session: nox.Session, package: Package, *, with_tests: bool = False) -> list[Package]:
+    """The package and the in-repo packages it needs (with ``with_tests``, those its test
+    extra names too, so pip takes them from this repository), dependencies first, core
+    first of all."""
     ordered: list[Package] = []
     visiting: set[str] = set()
 
@@ -137,6 +147,12 @@ def with_dependencies(session: nox.Session, package: Package) -> list[Package]:
         ordered.append(current)
 
     visit(CORE)
+    if with_tests:
+        for name in package.in_repo_test_requires:
+            dependency = BY_NAME.get(name)
+            if dependency is None:
+                session.error(f"{package.folder}'s test extra names {name!r}, which no package folder provides")
+            visit(dependency)
     visit(package)
     return ordered
 
@@ -188,7 +204,7 @@ def package_session(package: Package, backend: str) -> Callable[[nox.Session], N
         tests = tests_folders([package])
         if not tests:
             session.skip(f"{package.folder} has no tests folder yet")
-        needed = with_dependencies(session, package)
+        needed = with_dependencies(session, package, with_tests=True)
         require_readable(session, needed)
         constraints = install_torch(session, backend)
         specs = [needed_package.spec(with_tests=needed_package is package) for needed_package in needed]

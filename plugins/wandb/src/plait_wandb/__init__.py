@@ -1,0 +1,1 @@
+"""plait plugin: Weights & Biases logging (see README.md)."""
