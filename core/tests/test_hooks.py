@@ -287,3 +287,34 @@ def test_registration_hooks_go_through_pluggy(tmp_path):
     manager._pm.add_hookcall_monitoring(lambda name, impls, kwargs: traced.append(name), lambda *a: None)
     assert manager.model_spec("hooktoy") is TOY_SPEC
     assert "plait_register_models" in traced
+
+
+class EndWatcher:
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    def __init__(self, fail_at: int = 0) -> None:
+        self.fail_at = fail_at
+        self.ends: list[tuple[object, object]] = []
+
+    @hookimpl(wrapper=True)
+    def plait_train_step(self, ctx):
+        if ctx.step == self.fail_at:
+            raise RuntimeError("boom")
+        return (yield)
+
+    @hookimpl
+    def plait_train_end(self, config, result, error):
+        self.ends.append((result, error))
+
+
+def test_train_end_sees_the_result_or_the_error(tmp_path):
+    watcher = EndWatcher()
+    _, result = train_toy(toy_config(tmp_path / "ok", steps=2), ToyModelPlugin(), watcher)
+    assert watcher.ends == [(result, None)]
+    failing = EndWatcher(fail_at=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_toy(toy_config(tmp_path / "failing", steps=3), ToyModelPlugin(), failing)
+    [(result, error)] = failing.ends
+    assert result is None and str(error) == "boom"

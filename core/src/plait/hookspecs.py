@@ -274,6 +274,14 @@ def plait_after_optimizer_step(ctx: StepContext) -> None:
 
 
 @hookspec
+def plait_train_end(config: JobConfig, result: Any, error: BaseException | None) -> None:
+    """Training ended on this rank: ``result`` (the ``TrainResult``) after the last step or
+    a stop signal, or ``error`` when the run fails (the core raises it again once every
+    implementation ran). collect-all, every rank. Release what the plugin holds here
+    (files, connections, a logger's run), not in ``atexit`` handlers."""
+
+
+@hookspec
 def plait_log_metrics(step: int, metrics: dict[str, float], config: JobConfig) -> None:
     """Observe the metrics of a logged step (console and TensorBoard are core observers).
     collect-all."""

@@ -313,6 +313,23 @@ class Trainer:
             yield inputs, labels
 
     def train(self) -> TrainResult:
+        try:
+            result = self._train()
+        except BaseException as error:
+            self._end_hooks(result=None, error=error)
+            raise
+        self._end_hooks(result=result, error=None)
+        return result
+
+    def _end_hooks(self, *, result: TrainResult | None, error: BaseException | None) -> None:
+        try:
+            self.hook.plait_train_end(config=self.config, result=result, error=error)
+        except Exception as hook_error:
+            if error is None:
+                raise
+            logger.error("a plugin failed in plait_train_end after the run failed: %r", hook_error)
+
+    def _train(self) -> TrainResult:
         config, pd = self.config, self.parallel_dims
         total_steps = config.training.steps
         result = TrainResult(last_step=self.resumed_from)

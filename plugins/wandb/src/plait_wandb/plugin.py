@@ -9,8 +9,8 @@ Moments of a run (docs/hook-reference.md):
   every call logs the step's metrics;
 - ``plait_train_step`` (wrapper): with ``--wandb.all_ranks``, the other ranks log what
   they hold locally;
-- ``plait_checkpoint_save`` (wrapper): the last save point of the run (the last step, or
-  a stop signal) finishes the W&B run.
+- ``plait_train_end``: training ended (last step, stop signal or error) finishes the W&B
+  run, with exit code 1 after an error.
 """
 from __future__ import annotations
 
@@ -85,9 +85,8 @@ def plait_log_metrics(step: int, metrics: dict[str, float], config: JobConfig) -
 @hookimpl(wrapper=True)
 def plait_train_step(ctx: Any) -> Any:
     lr = ctx.lr_scheduler.get_last_lr()[0]  # the step's LR (the step advances the schedule)
-    # A step that raises is not the end of the W&B run: a fault-tolerance wrapper around
-    # this one may retry it. A run that dies of it is finished by the next run in this
-    # process, or by wandb's own exit handling.
+    # A step that raises is not the end of the W&B run (a fault-tolerance wrapper around
+    # this one may retry it); plait_train_end finishes the run when training ends.
     loss = yield
     run = _current
     if run is not None and run.rank != 0 and run.section.all_ranks:
@@ -111,17 +110,11 @@ def _local_metrics(ctx: Any, loss: Any, lr: float) -> dict[str, float]:
     return metrics
 
 
-@hookimpl(wrapper=True)
-def plait_checkpoint_save(checkpointer: Any, step: int, force: bool) -> Any:
-    """``force`` marks the run's last save point (its last step, or a stop signal): the W&B
-    run is finished there, after the step's metrics and validation were logged."""
+@hookimpl
+def plait_train_end(config: JobConfig, result: Any, error: BaseException | None) -> None:
+    """The W&B run ends with the training: exit code 0 after the last step or a stop
+    signal, 1 when the run failed."""
     global _current
-    failed = True
-    try:
-        written = yield
-        failed = False
-        return written
-    finally:
-        if force and _current is not None:
-            _current.finish(exit_code=1 if failed else 0)
-            _current = None
+    if _current is not None:
+        _current.finish(exit_code=0 if error is None else 1)
+        _current = None
