@@ -175,9 +175,26 @@ def test_tokenizer_config_names_the_special_tokens(tmp_path):
     assert loaded.eos_id == backend.token_to_id("<|im_end|>")
 
 
+def test_special_tokens_map_and_command_line_overrides(tmp_path):
+    backend = small_tokenizer(["<|im_end|>", "<|im_start|>", "<pad>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
+    loaded = build_tokenizer(str(tmp_path))
+    assert loaded.eos_id == loaded.bos_id == backend.token_to_id("<|im_end|>")  # no bos: eos separates
+    chosen = build_tokenizer(str(tmp_path), bos_token="<|im_start|>", eos_token="<pad>")
+    assert (chosen.bos_id, chosen.eos_id) == (backend.token_to_id("<|im_start|>"), backend.token_to_id("<pad>"))
+    with pytest.raises(ConfigError, match=r"--data.eos_token '</s>': tokenizer .* has no such token.*<\|im_end\|>"):
+        build_tokenizer(str(tmp_path), eos_token="</s>")
+
+
+def test_the_embedded_tokenizer_takes_overrides_too(tok):
+    token = tok.backend.id_to_token(tok.eos_id)
+    assert build_tokenizer("", bos_token=token).bos_id == tok.eos_id
+
+
 def test_tokenizer_without_eos_is_refused(tmp_path):
     small_tokenizer(["<pad>"]).save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ConfigError, match=r"no end-of-text token .*special tokens are \['<pad>'\]"):
+    with pytest.raises(ConfigError, match=r"no end-of-text token .*special tokens are \['<pad>'\].*--data.eos_token"):
         build_tokenizer(str(tmp_path / "tokenizer.json"))
 
 

@@ -208,6 +208,11 @@ class DataSection:
     """Stream an HF dataset instead of downloading it whole first."""
     tokenizer: str = ""
     """Path to a tokenizer.json (or a folder holding one); empty = the embedded tokenizer."""
+    bos_token: str = ""
+    """The begin-of-text token placed before each document; empty = the tokenizer's own
+    (tokenizer_config.json, special_tokens_map.json, or a usual name)."""
+    eos_token: str = ""
+    """The end-of-text token placed after each document; empty = the tokenizer's own."""
     held_out_share: float = 0.0
     """Share of the documents (chosen by a hash of their text) that training never reads;
     validation reads them unless --validation.dataset names other data. 0 holds none out."""

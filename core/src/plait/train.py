@@ -117,7 +117,8 @@ class Trainer:
 
         pd = self.parallel_dims
         training = config.training
-        self.tokenizer = build_tokenizer(config.data.tokenizer)
+        self.tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token,
+                                         eos_token=config.data.eos_token)
         self.dataloader = build_dataloader(
             config.data,
             self.tokenizer,

@@ -44,7 +44,10 @@ class Tokenizer:
         return f"Tokenizer({self.name}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
 
 
-def load_tokenizer_file(path: str) -> Tokenizer:
+def load_tokenizer_file(path: str, *, bos_token: str = "", eos_token: str = "") -> Tokenizer:
+    """A ``tokenizer.json`` (or an HF tokenizer folder holding one). Its begin/end-of-text
+    tokens: ``bos_token``/``eos_token`` when given, else those its ``tokenizer_config.json``
+    or ``special_tokens_map.json`` name, else the usual names."""
     file = _resolve_tokenizer_file(Path(path).expanduser())
     try:
         backend = tokenizers.Tokenizer.from_file(str(file))
@@ -54,8 +57,23 @@ def load_tokenizer_file(path: str) -> Tokenizer:
             "Pass a tokenizer.json saved by the `tokenizers` or `transformers` library, "
             "or leave --data.tokenizer empty for the embedded tokenizer."
         ) from None
-    bos_id, eos_id = _special_ids(backend, declared=_declared_special_tokens(file.parent), where=str(file))
+    declared = {**_declared_special_tokens(file.parent), **_overrides(bos_token, eos_token)}
+    bos_id, eos_id = _special_ids(backend, declared=declared, where=str(file), required=_overrides(bos_token, eos_token))
     return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, name=str(file))
+
+
+def with_special_tokens(tokenizer: Tokenizer, *, bos_token: str = "", eos_token: str = "") -> Tokenizer:
+    """``tokenizer`` with the named begin/end-of-text tokens (``--data.bos_token/eos_token``)."""
+    overrides = _overrides(bos_token, eos_token)
+    if not overrides:
+        return tokenizer
+    bos_id, eos_id = _special_ids(tokenizer.backend, declared=overrides, where=tokenizer.name, required=overrides)
+    return Tokenizer(tokenizer.backend, bos_id=bos_id if bos_token else tokenizer.bos_id, eos_id=eos_id,
+                     name=tokenizer.name)
+
+
+def _overrides(bos_token: str, eos_token: str) -> dict[str, str]:
+    return {key: value for key, value in (("bos_token", bos_token), ("eos_token", eos_token)) if value}
 
 
 def tokenizer_from_json(text: str, *, name: str) -> Tokenizer:
@@ -86,25 +104,36 @@ def _resolve_tokenizer_file(path: Path) -> Path:
 
 
 def _declared_special_tokens(folder: Path) -> dict[str, str]:
-    """bos/eos named by a tokenizer_config.json next to the tokenizer, if any."""
-    config_file = folder / "tokenizer_config.json"
-    if not config_file.is_file():
-        return {}
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    declared = {}
-    for key in ("bos_token", "eos_token"):
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            declared[key] = value
+    """bos/eos named next to the tokenizer: ``tokenizer_config.json`` first, then
+    ``special_tokens_map.json`` (the files transformers writes)."""
+    declared: dict[str, str] = {}
+    for file_name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
+        config_file = folder / file_name
+        if not config_file.is_file():
+            continue
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in ("bos_token", "eos_token"):
+            value = config.get(key) if isinstance(config, dict) else None
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                declared[key] = value
     return declared
 
 
-def _special_ids(backend: tokenizers.Tokenizer, *, declared: dict[str, str], where: str) -> tuple[int, int]:
+def _special_ids(backend: tokenizers.Tokenizer, *, declared: dict[str, str], where: str,
+                 required: dict[str, str] | None = None) -> tuple[int, int]:
+    for key, token in (required or {}).items():
+        if backend.token_to_id(token) is None:
+            option = "--data." + key
+            raise ConfigError(
+                f"{option} {token!r}: tokenizer {where} has no such token; name a token it has "
+                f"(its special tokens: {_special_tokens(backend) or 'none'})"
+            )
+
     def find(key: str, names: tuple[str, ...]) -> int | None:
         for name in (declared.get(key), *names):
             if name is not None and (token_id := backend.token_to_id(name)) is not None:
@@ -113,12 +142,15 @@ def _special_ids(backend: tokenizers.Tokenizer, *, declared: dict[str, str], whe
 
     eos_id = find("eos_token", EOS_NAMES)
     if eos_id is None:
-        special = [token.content for token in backend.get_added_tokens_decoder().values() if token.special]
         raise ConfigError(
             f"tokenizer {where} has no end-of-text token (looked for {', '.join(EOS_NAMES)}; "
-            f"its special tokens are {special or 'none'}). Add one of them as a special token, "
-            "or name it as eos_token in a tokenizer_config.json next to the tokenizer.json."
+            f"its special tokens are {_special_tokens(backend) or 'none'}). Name the one to use with "
+            "--data.eos_token TOKEN (or as eos_token in a tokenizer_config.json next to the tokenizer.json)."
         )
     bos_id = find("bos_token", BOS_NAMES)
     # Tokenizers without a begin-of-text token separate documents by eos alone.
     return (eos_id if bos_id is None else bos_id), eos_id
+
+
+def _special_tokens(backend: tokenizers.Tokenizer) -> list[str]:
+    return [token.content for token in backend.get_added_tokens_decoder().values() if token.special]
