@@ -350,3 +350,63 @@ def test_loader_is_far_faster_than_a_training_step(tok):
     per_batch = (time.perf_counter() - start) / 50
     assert tokens == 50 * 8 * 256
     assert per_batch < 0.025, f"{per_batch * 1e3:.1f} ms per batch"
+
+
+# ----------------------------------------------------------------- mixtures
+
+
+def _write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: text}) + "\n" for text in texts))
+    return path
+
+
+def test_a_mixture_interleaves_by_weight_and_mixes_file_kinds(tmp_path):
+    web = _write_jsonl(tmp_path / "web.jsonl", [f"web {i}" for i in range(50)])
+    code = tmp_path / "code.txt"
+    code.write_text("".join(f"code {i}\n" for i in range(50)))
+    wiki = _write_jsonl(tmp_path / "wiki.jsonl", [f"wiki {i}" for i in range(50)], field="content")
+    data = DataSection(mixture=(f"{web}@0.5", f"{code}@0.3", f"{wiki}@0.2#content"))
+    texts = build_source(data).open(None).read(1000)[:100]
+    counts = {kind: sum(t.startswith(kind) for t in texts) for kind in ("web", "code", "wiki")}
+    assert counts == {"web": 50, "code": 30, "wiki": 20}
+    assert [t for t in texts if t.startswith("wiki")][:3] == ["wiki 0", "wiki 1", "wiki 2"]
+    assert texts[:5] == ["web 0", "code 0", "web 1", "wiki 0", "web 2"]  # round robin, not blocks
+
+
+def test_a_mixture_resumes_exactly_and_cycles_each_source(tmp_path):
+    small = _write_jsonl(tmp_path / "small.jsonl", ["a", "b"])
+    large = _write_jsonl(tmp_path / "large.jsonl", [f"x{i}" for i in range(40)])
+    source = build_source(DataSection(mixture=(f"{small}@1", f"{large}@1")))
+    reader = source.open(None)
+    first = reader.read(0) + reader.read(0) + reader.read(0)
+    position = json.loads(json.dumps(reader.position()))  # plain JSON, as in a checkpoint
+    rest = [reader.read(0)[0] for _ in range(8)]
+    resumed = source.open(position)
+    assert [resumed.read(0)[0] for _ in range(8)] == rest
+    assert first + rest == ["a", "x0", "b", "x1", "a", "x2", "b", "x3", "a", "x4", "b"]  # small cycles
+    assert reader.shares() == {str(small): 0.5 + 0.5 / 11, str(large): 0.5 - 0.5 / 11}
+
+
+def test_a_loader_over_a_mixture_reports_the_realized_shares(tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", ["alpha " * 20] * 30)
+    b = _write_jsonl(tmp_path / "b.jsonl", ["beta " * 20] * 30)
+    loader = build_dataloader(DataSection(mixture=(f"{a}@3", f"{b}@1")), build_tokenizer(""), seq_len=32,
+                              local_batch_size=2, dp_rank=0, dp_world_size=1)
+    next(loader)
+    shares = loader.source_shares()
+    assert abs(shares[str(a)] - 0.75) < 0.05 and abs(shares[str(b)] - 0.25) < 0.05
+
+
+@pytest.mark.parametrize(("mixture", "message"), [
+    (("x.jsonl@heavy",), "the weight after @ must be a number"),
+    (("x.jsonl@0",), "the weight must be positive"),
+    (("@1",), "name a dataset before @WEIGHT"),
+])
+def test_bad_mixture_entries_are_refused(mixture, message):
+    with pytest.raises(ConfigError, match=message):
+        build_source(DataSection(mixture=mixture))
+
+
+def test_mixture_and_dataset_together_are_refused():
+    with pytest.raises(ConfigError, match="--data.mixture and --data.dataset both name"):
+        DataSection(mixture=("a.jsonl",), dataset="b.jsonl").validate()

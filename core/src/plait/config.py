@@ -213,6 +213,10 @@ class DataSection:
     (tokenizer_config.json, special_tokens_map.json, or a usual name)."""
     eos_token: str = ""
     """The end-of-text token placed after each document; empty = the tokenizer's own."""
+    mixture: tuple[str, ...] = ()
+    """Several sources mixed by weight, instead of --data.dataset: each DATASET[@WEIGHT][#TEXT_FIELD]
+    (a file, folder or HF dataset name; weight 1 and --data.text_field when omitted), e.g.
+    --data.mixture ./web.jsonl@0.7 ./code.txt@0.3 'wiki@0.1#content'. Kinds may differ."""
     held_out_share: float = 0.0
     """Share of the documents (chosen by a hash of their text) that training never reads;
     validation reads them unless --validation.dataset names other data. 0 holds none out."""
@@ -220,6 +224,9 @@ class DataSection:
     def validate(self) -> None:
         _require(0.0 <= self.held_out_share < 1.0,
                  f"--data.held_out_share must be in [0, 1), got {self.held_out_share}")
+        _require(not (self.mixture and self.dataset),
+                 "--data.mixture and --data.dataset both name the training data: pass one of them "
+                 "(a mixture of one source is --data.mixture DATASET)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -361,7 +361,9 @@ class Trainer:
                 metrics = self.metrics.record_step(
                     step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step * pd.dp_degree, seconds=seconds,
                     extra=ctx.results.get("metrics"),
-                    details={**ctx.results.get("metric_details", {}), **self.step_times.as_metrics()},
+                    details={**ctx.results.get("metric_details", {}), **self.step_times.as_metrics(),
+                             **{f"data/share/{os.path.basename(label.rstrip('/')) or label}": share
+                                for label, share in self.dataloader.source_shares().items()}},
                 )
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)

@@ -141,6 +141,11 @@ class TokenLoader:
                 chunk[start + length - 1] = eos
         self._chunk = chunk
 
+    def source_shares(self) -> dict[str, float]:
+        """For a mixture: the share of documents each source gave so far (read ahead of
+        training by at most one chunk); empty otherwise."""
+        return self._reader.shares() if self._reader is not None and hasattr(self._reader, "shares") else {}
+
     # ---------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:

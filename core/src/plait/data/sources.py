@@ -278,12 +278,109 @@ class _SplitReader(DocumentReader):
             kept = [text for text in texts if self._split.keeps(text)]
         return kept
 
+    def shares(self) -> dict[str, float]:
+        return self._reader.shares() if hasattr(self._reader, "shares") else {}
+
+
+# ------------------------------------------------------------------ mixtures
+
+
+class MixtureSource(DocumentSource):
+    """Documents of several sources interleaved by weight, one document at a time, before
+    packing (so long documents of one source do not skew the ratios). The order is a
+    deterministic weighted round robin: the next document comes from the source whose
+    count of documents taken, plus one, divided by its weight is smallest (ties: the first
+    listed). Each source starts again from its beginning when it runs out (its own epochs).
+    The position holds every source's position, epoch and count, so a resumed run sees the
+    same documents."""
+
+    def __init__(self, sources: list[DocumentSource], *, weights: list[float], labels: list[str]) -> None:
+        self.sources = sources
+        self.weights = weights
+        self.labels = labels
+        self.identity = "mixture:[" + ", ".join(f"{s.identity}@{w!r}" for s, w in zip(sources, weights)) + "]"
+
+    def open(self, position: Position) -> DocumentReader:
+        return _MixtureReader(self, position)
+
+
+class _MixtureReader(DocumentReader):
+    def __init__(self, mixture: MixtureSource, start: Position) -> None:
+        count = len(mixture.sources)
+        self._mixture = mixture
+        self._counts: list[int] = [0] * count if start is None else [int(c) for c in start["counts"]]
+        self._epochs: list[int] = [0] * count if start is None else [int(e) for e in start["epochs"]]
+        parts = [None] * count if start is None else start["parts"]
+        self._readers = [source.open(part) for source, part in zip(mixture.sources, parts)]
+
+    def position(self) -> Position:
+        return {"parts": [reader.position() for reader in self._readers], "epochs": list(self._epochs),
+                "counts": list(self._counts)}
+
+    def read(self, max_chars: int) -> list[str]:
+        texts: list[str] = []
+        chars = 0
+        while not texts or chars < max_chars:
+            index = min(range(len(self._readers)), key=lambda i: (self._counts[i] + 1) / self._mixture.weights[i])
+            text = self._next_document(index)
+            self._counts[index] += 1
+            texts.append(text)
+            chars += len(text)
+        return texts
+
+    def _next_document(self, index: int) -> str:
+        documents = self._readers[index].read(0)
+        if not documents:  # this source's epoch ends; the mixture goes on
+            self._epochs[index] += 1
+            self._readers[index] = self._mixture.sources[index].open(None)
+            documents = self._readers[index].read(0)
+            if not documents:
+                raise ConfigError(f"--data.mixture: {self._mixture.labels[index]} holds no documents")
+        return documents[0]
+
+    def shares(self) -> dict[str, float]:
+        """The share of documents each source gave so far."""
+        total = sum(self._counts) or 1
+        return {label: count / total for label, count in zip(self._mixture.labels, self._counts)}
+
+
+def parse_mixture_entry(entry: str) -> tuple[str, float, str | None]:
+    """``DATASET[@WEIGHT][#TEXT_FIELD]`` -> (dataset, weight, text field or None)."""
+    rest, field = (entry.rsplit("#", 1) + [None])[:2] if "#" in entry else (entry, None)
+    dataset, weight = rest, 1.0
+    if "@" in rest:
+        dataset, _, weight_text = rest.rpartition("@")
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise ConfigError(f"--data.mixture {entry!r}: the weight after @ must be a number, got {weight_text!r}") from None
+    if not dataset.strip():
+        raise ConfigError(f"--data.mixture {entry!r}: name a dataset before @WEIGHT, e.g. ./web.jsonl@0.7")
+    if not (weight > 0 and weight < float("inf")):
+        raise ConfigError(f"--data.mixture {entry!r}: the weight must be positive, got {weight}")
+    return dataset.strip(), weight, field or None
+
+
+def _build_mixture(data: DataSection) -> MixtureSource:
+    import dataclasses
+
+    sources, weights, labels = [], [], []
+    for entry in data.mixture:
+        dataset, weight, field = parse_mixture_entry(entry)
+        part = dataclasses.replace(data, dataset=dataset, text_field=field or data.text_field, mixture=(),
+                                   held_out_share=0.0)
+        sources.append(_build_whole_source(part))
+        weights.append(weight)
+        labels.append(dataset)
+    total = sum(weights)
+    return MixtureSource(sources, weights=[w / total for w in weights], labels=labels)
+
 
 def build_source(data: DataSection, *, held_out: bool = False) -> DocumentSource:
     """The source ``data`` names; every user mistake is a ConfigError raised here,
     before training starts. With ``data.held_out_share`` > 0 it is the training side of
     the split, or the held-out side with ``held_out``."""
-    source = _build_whole_source(data)
+    source = _build_mixture(data) if data.mixture else _build_whole_source(data)
     if data.held_out_share > 0:
         source = HeldOutSplit(source, share=data.held_out_share, held_out=held_out)
     return source
@@ -398,7 +495,8 @@ def _builder_for(files: list[Path], spec: str) -> str:
     if len(builders) > 1:
         raise ConfigError(
             f"--data.dataset {spec}: all files must be of one kind, but it mixes "
-            f"{', '.join(sorted(b for b in builders if b))} files."
+            f"{', '.join(sorted(b for b in builders if b))} files; to mix kinds, list each as a source "
+            "of --data.mixture (e.g. --data.mixture a.jsonl@1 b.txt@1)."
         )
     return builders.pop()  # type: ignore[return-value]
 
