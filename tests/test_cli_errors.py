@@ -98,3 +98,39 @@ def test_plugins_command_lists_installed(capsys):
 def test_unknown_command(capsys):
     code, output = run(["trian"], capsys)
     assert code == 2 and "unknown command 'trian'" in output
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "0"])
+def test_a_bad_world_size_is_a_message(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    code, output = run(["train", *tiny_job(tmp_path / "run")], capsys)
+    assert code == 2 and f"WORLD_SIZE must be a positive integer (torchrun sets it), got {value!r}" in output
+    assert "Traceback" not in output
+
+
+def test_an_unknown_compile_backend_is_a_message(tmp_path, capsys):
+    code, output = run(["train", *tiny_job(tmp_path / "run"), "--compile.enable", "True",
+                        "--compile.backend", "turbo"], capsys)
+    assert code == 2 and "--compile.backend 'turbo' is not a torch.compile backend" in output and "inductor" in output
+
+
+def test_run_folders_that_cannot_be_written_stop_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, output = run(["train", *tiny_job(a_file)], capsys)
+    assert code == 2 and "--job.dump_folder" in output and "is a file, not a folder" in output
+    code, output = run(["train", *tiny_job(a_file / "under")], capsys)
+    assert code == 2 and "is not a folder plait can write" in output
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint").write_text("not a folder")
+    code, output = run(["train", *tiny_job(run_dir)], capsys)
+    assert code == 2 and "--checkpoint.folder" in output
+    assert "Traceback" not in output
+
+
+def test_convert_with_a_malformed_run_config_is_a_message(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint" / "step-1").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text('{"model": "llama3"}')
+    code, output = run(["convert", str(tmp_path / "run" / "checkpoint" / "step-1"), str(tmp_path / "out")], capsys)
+    assert code == 2 and "the run's config.json is malformed" in output

@@ -1,4 +1,5 @@
 """Train, `plait convert` the checkpoint, load it with transformers: same logits."""
+import pytest
 import torch
 
 import plait
@@ -65,3 +66,27 @@ def test_training_starts_from_hf_weights_and_refuses_a_mismatch(tmp_path):
 
     with pytest.raises(ConfigError, match="--model.flavor debugmodel does not match the checkpoint .*--model.flavor ''"):
         train(tiny_job(tmp_path / "mismatch", "--model.hf_dir", str(hf), "--model.flavor", "debugmodel", steps=1))
+
+
+def test_the_export_is_complete_for_transformers_tokenizer_and_generate(tmp_path):
+    """Weights, config with bos/eos ids, generation_config.json and the run's tokenizer:
+    AutoTokenizer encodes like plait, and AutoModelForCausalLM loads it and generates."""
+    transformers = pytest.importorskip("transformers")
+    train(tiny_job(tmp_path / "run", "--checkpoint.interval", "2", steps=2))
+    out = tmp_path / "hf"
+    assert main(["convert", str(tmp_path / "run" / "checkpoint" / "step-2"), str(out), "--dtype", "bfloat16"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    from plait.data import build_tokenizer
+
+    ours = build_tokenizer("")
+    text = "def main():\n    return 42"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (ours.bos_id, ours.eos_id)
+    assert model.generation_config.eos_token_id == ours.eos_id
+    prompt = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] <= prompt["input_ids"].shape[1] + 5

@@ -66,8 +66,36 @@ def main(argv: list[str] | None = None) -> int:
     except PlaitError as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # what the file system said, in words (disk full, read-only, ...)
+        print(f"plait: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except SystemExit as exc:  # tyro's --help (0) and its option errors (2), already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+def describe_os_error(error: OSError) -> str:
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return f"the disk is full{where}: free space or choose another folder, then run the same command again"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"no permission to write{where} ({error.strerror}): choose a folder you can write"
+    return f"{error.strerror or error}{where}"
+
+
+def check_writable_folder(path: str, option: str) -> None:
+    """``path`` is (or can be made) a folder this process writes: checked before any work."""
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{option} {path} is a file, not a folder: choose a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".plait-write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{option} {path} is not a folder plait can write: {describe_os_error(error)}") from None
 
 
 def program() -> NoReturn:
@@ -671,6 +699,13 @@ def train(argv: list[str]):
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     if rank == 0:
+        dump = config.job.dump_folder
+        check_writable_folder(dump, "--job.dump_folder")
+        for enabled, sub, option in ((config.checkpoint.enable, config.checkpoint.folder, "--checkpoint.folder"),
+                                     (config.metrics.enable_tensorboard, config.metrics.tensorboard_folder,
+                                      "--metrics.tensorboard_folder")):
+            if enabled:
+                check_writable_folder(os.path.join(dump, sub), option)
         path = write_resolved_config(config, manager, job.declared_model_args)
         logger.info("plugins: %s; resolved config: %s", ", ".join(manager.enabled), path)
     from plait.train import Trainer
@@ -739,44 +774,72 @@ def plan_command(argv: list[str]) -> int:
 def convert_command(argv: list[str]) -> int:
     args = _parse(ConvertOptions, argv, prog="plait convert", description=(
         "Export a plait checkpoint (a step-N folder) to a Hugging Face folder that transformers "
-        "loads. Model and flavor default to those in the run's config.json."))
+        "loads and generates from: weights, config, generation config and the run's tokenizer. "
+        "The model's shape comes from the run's config.json unless --model and --flavor are given."))
     if not os.path.isdir(args.checkpoint):
         raise ConfigError(f"checkpoint folder {args.checkpoint!r} does not exist")
-    run_config = {} if args.model and args.flavor else _run_config_of(args.checkpoint)
-    model = args.model or run_config["model"]["name"]
+    run_config = _run_config_of(args.checkpoint, required=not (args.model and args.flavor))
     import torch
 
     from plait.hf import export_checkpoint_to_hf
-    from plait.model_args import args_from_dict
     from plait.plugins import load_model_spec
 
-    spec = load_model_spec(model)
-    if args.flavor or "model_args" not in run_config:
-        flavor = args.flavor or run_config["model"]["flavor"]
-        model_args, described = spec.args_for(flavor), f"{model}/{flavor}"
-    else:  # the run's resolved shape: any size the architecture allows, no flavor needed
-        args_class = type(next(iter(spec.flavors.values())))
-        model_args = args_from_dict(args_class, run_config["model_args"])
-        run_model = run_config["model"]
-        described = f"{model}/{run_model['flavor']}" if run_model.get("flavor") else f"{model} (shape of {run_model.get('hf_dir')})"
-        if run_model.get("args"):
-            described += f" with {run_model['args']}"
+    spec = load_model_spec(args.model or _from_run(run_config, lambda c: c["model"]["name"]))
+    model_args, described = _export_shape(spec, args, run_config)
     export_checkpoint_to_hf(args.checkpoint, spec, model_args, args.output, dtype=getattr(torch, args.dtype))
-    print(f"wrote {described} ({args.dtype}) in Hugging Face format to {args.output}")
+    tokenizer_note = "without tokenizer files (no run config.json)"
+    if run_config:
+        from plait.data import build_tokenizer
+        from plait.hf import write_tokenizer_files
+
+        data = _from_run(run_config, lambda c: c.get("data", {}))
+        tokenizer = build_tokenizer(data.get("tokenizer", ""), bos_token=data.get("bos_token", ""),
+                                    eos_token=data.get("eos_token", ""))
+        write_tokenizer_files(args.output, tokenizer, max_length=getattr(model_args, spec.seq_len_arg or "", None))
+        tokenizer_note = f"with the run's tokenizer ({tokenizer.name})"
+    print(f"wrote {described} ({args.dtype}) in Hugging Face format to {args.output}, {tokenizer_note}")
     return 0
 
 
-def _run_config_of(checkpoint: str) -> dict[str, Any]:
+def _export_shape(spec: Any, args: ConvertOptions, run_config: dict[str, Any]) -> tuple[Any, str]:
+    """The model args to export and how to name them: ``--flavor``'s, else the run's resolved
+    shape (any size the architecture allows), else the run's flavor."""
+    from plait.model_args import args_from_dict
+
+    if args.flavor or "model_args" not in run_config:
+        flavor = args.flavor or _from_run(run_config, lambda c: c["model"]["flavor"])
+        return spec.args_for(flavor), f"{spec.name}/{flavor}"
+    args_class = type(next(iter(spec.flavors.values())))
+    model_args = _from_run(run_config, lambda c: args_from_dict(args_class, c["model_args"]))
+    run_model = run_config["model"]
+    described = f"{spec.name}/{run_model['flavor']}" if run_model.get("flavor") else \
+        f"{spec.name} (shape of {run_model.get('hf_dir')})"
+    return model_args, described + (f" with {run_model['args']}" if run_model.get("args") else "")
+
+
+def _from_run(run_config: dict[str, Any], read: Any) -> Any:
+    try:
+        return read(run_config)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ConfigError(f"the run's config.json is malformed ({type(error).__name__}: {error}): pass --model "
+                          "and --flavor") from None
+
+
+def _run_config_of(checkpoint: str, *, required: bool) -> dict[str, Any]:
+    """The config.json of the run that wrote ``checkpoint`` (up to three folders above it)."""
     folder = os.path.abspath(checkpoint)
     for _ in range(3):
         folder = os.path.dirname(folder)
         candidate = os.path.join(folder, "config.json")
         if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
-    raise ConfigError(
-        f"cannot find the run's config.json above {checkpoint!r}: pass --model and --flavor"
-    )
+            try:
+                with open(candidate) as f:
+                    return json.load(f)
+            except (OSError, json.JSONDecodeError) as error:
+                raise ConfigError(f"cannot read the run's config {candidate}: {error}; pass --model and --flavor") from None
+    if required:
+        raise ConfigError(f"cannot find the run's config.json above {checkpoint!r}: pass --model and --flavor")
+    return {}
 
 
 if __name__ == "__main__":

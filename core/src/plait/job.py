@@ -92,6 +92,8 @@ class Job:
 def resolve_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, world_size: int) -> Job:
     """Every check that can run before any work, once; the resolved run."""
     config.validate()
+    if config.compile.enable:
+        check_compile_backend(config.compile.backend)
     parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
     check_capabilities(parallel_dims, plugins)
     return resolve_with_plugins(config, plugins, spec, parallel_dims)
@@ -185,6 +187,15 @@ def hf_model_args(spec: ModelSpec, hf_dir: str) -> Any:
         return spec.hf_adapter.args_from_hf_config(hf_config)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"{hf_dir}/config.json does not describe a {spec.name} model: {error!r}") from None
+
+
+def check_compile_backend(backend: str) -> None:
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"--compile.backend {backend!r} is not a torch.compile backend; choose one of: "
+                          f"{', '.join(sorted(known))}")
 
 
 def grad_accumulation_steps(config: JobConfig, parallel_dims: ParallelDims) -> int:

@@ -27,7 +27,12 @@ logger = logging.getLogger("plait")
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The number of processes torchrun (or Slurm through it) started; 1 without a launcher."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"the environment variable WORLD_SIZE must be a positive integer (torchrun sets it), "
+                          f"got {value!r}: unset it for one process, or launch with torchrun --nproc_per_node N")
+    return int(value)
 
 
 @dataclass
