@@ -90,17 +90,17 @@ def _plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu().contiguous()
 
 
-def _shard(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in state_dict.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += size
-    return shards
+def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> tuple[dict[str, list[str]], int]:
+    """File name -> tensor names, and the total bytes, as ``huggingface_hub`` splits them:
+    in key order, a new shard when the next tensor would pass ``max_shard_bytes``, a
+    tensor larger than that alone in its own shard; one ``model.safetensors`` when all fit.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes
+    )
+    return split.filename_to_tensors or {SINGLE_FILE: []}, split.metadata["total_size"]
 
 
 def save_hf_folder(
@@ -128,7 +128,10 @@ def save_hf_folder(
     seen_storage: set[int] = set()
     for name, tensor in state_dict.items():
         tensor = _plain_tensor(tensor)
-        if tensor.untyped_storage().data_ptr() in seen_storage:  # safetensors refuses shared memory
+        storage = tensor.untyped_storage()
+        # safetensors refuses shared memory, and the shard sizes count whole storages:
+        # a view of a larger tensor (a slice of a fused weight) gets its own copy.
+        if storage.data_ptr() in seen_storage or storage.nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()
         seen_storage.add(tensor.untyped_storage().data_ptr())
         tensors[name] = tensor
@@ -138,17 +141,12 @@ def save_hf_folder(
     if floating and "dtype" not in config and "torch_dtype" not in config:
         config["dtype"] = str(floating[0].dtype).removeprefix("torch.")
 
-    shards = _shard(tensors, max_shard_bytes)
+    files, total_size = _shard(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
-    else:
-        weight_map: dict[str, str] = {}
-        for number, shard in enumerate(shards, start=1):
-            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / file_name, metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, file_name))
-        total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+    for file_name, names in files.items():
+        save_file({name: tensors[name] for name in names}, folder / file_name, metadata=metadata)
+    if len(files) > 1:
+        weight_map = {name: file_name for file_name, names in files.items() for name in names}
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -230,3 +228,28 @@ def export_checkpoint_to_hf(
     if dtype is not None:
         hf_state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in hf_state_dict.items()}
     save_hf_folder(out_dir, adapter.hf_config_from_args(args), hf_state_dict, max_shard_bytes=max_shard_bytes)
+
+
+def write_tokenizer_files(out_dir: str | os.PathLike[str], tokenizer: Any, *, max_length: int | None = None) -> None:
+    """The run's tokenizer beside exported weights, as transformers' ``AutoTokenizer``
+    reads it (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``),
+    its begin/end-of-text ids in ``config.json`` and a ``generation_config.json`` (greedy
+    by default, stopping at end of text, padding with it)."""
+    folder = Path(out_dir)
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    bos, eos = tokenizer.backend.id_to_token(tokenizer.bos_id), tokenizer.backend.id_to_token(tokenizer.eos_id)
+    special = {"bos_token": bos, "eos_token": eos, "pad_token": eos}
+    tokenizer_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                                        **special}
+    if max_length:
+        tokenizer_config["model_max_length"] = max_length
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id}
+    config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+    documents = {
+        "tokenizer_config.json": tokenizer_config,
+        "special_tokens_map.json": special,
+        "generation_config.json": {**ids, "do_sample": False},
+        CONFIG_FILE: {**config, **ids},
+    }
+    for name, document in documents.items():
+        (folder / name).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")

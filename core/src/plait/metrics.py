@@ -1,6 +1,9 @@
 """Training metrics: one console line per logged step, TensorBoard scalars, a progress
 line with ETA, and a steady-state summary for benchmark scripts.
 
+Terminal output goes through ``rich``: the colors of the step line, and the progress
+line's speed estimate, ETA, width cropping and in-place redraw.
+
 Throughput is reported per device and per step: ``tps`` is the tokens the whole job
 consumed in the step divided by the step's seconds and by the number of devices, so a
 slow first step (compilation, warm-up) shows as slow instead of being averaged away.
@@ -16,6 +19,20 @@ import time
 from array import array
 from collections.abc import Callable
 from typing import Any, TextIO
+
+from rich.color import ColorSystem
+from rich.console import Console
+from rich.control import Control, ControlType
+from rich.progress import (
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TimeRemainingColumn,
+)
+from rich.style import Style
+from rich.text import Text
 
 from plait.config import MetricsSection
 
@@ -34,14 +51,11 @@ TENSORBOARD_NAMES = {
     "memory/peak_gib": "memory/peak_gib",
 }
 
-_CLEAR_LINE = "\r\x1b[K"
-_RESET = "\x1b[0m"
-_BOLD = "\x1b[1m"
-_CYAN = "\x1b[36m"
-_YELLOW = "\x1b[33m"
-_GREEN = "\x1b[32m"
-_MAGENTA = "\x1b[35m"
-_BLUE = "\x1b[34m"
+#: Go to column 0 and erase the line: where a progress line is redrawn or hidden.
+_ERASE_LINE = Control(ControlType.CARRIAGE_RETURN, (ControlType.ERASE_IN_LINE, 2))
+
+#: rich styles of the step line's fields (rendered only when the logger prints to a terminal).
+_STYLES = {"step": "bold", "loss": "cyan", "grad_norm": "yellow", "tps": "green", "mfu": "magenta", "mem": "blue"}
 
 
 # ---------------------------------------------------------------------------
@@ -108,18 +122,6 @@ def _accelerator_is(device_type: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def format_duration(seconds: float) -> str:
-    """``45s``, ``4m05s``, ``2h03m``: short enough for a progress line."""
-    if not math.isfinite(seconds):
-        return "?"
-    total = max(0, round(seconds))
-    if total < 60:
-        return f"{total}s"
-    if total < 3600:
-        return f"{total // 60}m{total % 60:02d}s"
-    return f"{total // 3600}h{total % 3600 // 60:02d}m"
-
-
 def format_rate(steps_per_second: float) -> str:
     """Steps per second, or seconds per step when a step takes longer than a second."""
     if not math.isfinite(steps_per_second) or steps_per_second <= 0:
@@ -132,21 +134,21 @@ def format_rate(steps_per_second: float) -> str:
 def format_step_line(step: int, metrics: dict[str, float], *, step_width: int, color: bool) -> str:
     """The console line of one step: fixed-width fields so that consecutive lines align."""
 
-    def paint(text: str, code: str) -> str:
-        return f"{code}{text}{_RESET}" if color else text
+    def paint(text: str, field: str) -> str:
+        return Style.parse(_STYLES[field]).render(text, color_system=ColorSystem.STANDARD) if color else text
 
     loss, grad_norm, tps = metrics["loss"], metrics["grad_norm"], metrics["tps"]
     fields = [
-        "step " + paint(f"{step:>{step_width}d}", _BOLD),
-        "loss " + paint(f"{loss:7.4f}", _CYAN),
-        "grad_norm " + paint(f"{grad_norm:6.3f}", _YELLOW),
+        "step " + paint(f"{step:>{step_width}d}", "step"),
+        "loss " + paint(f"{loss:7.4f}", "loss"),
+        "grad_norm " + paint(f"{grad_norm:6.3f}", "grad_norm"),
         f"lr {metrics['lr']:.2e}",
-        "tps " + paint(f"{tps:>9,.0f}", _GREEN),
+        "tps " + paint(f"{tps:>9,.0f}", "tps"),
         f"tflops {metrics['tflops']:6.2f}",
     ]
     if "mfu" in metrics:
-        fields.append("mfu " + paint(f"{metrics['mfu']:5.2f}%", _MAGENTA))
-    fields.append("mem " + paint(f"{metrics['memory/peak_gib']:5.2f}GiB", _BLUE))
+        fields.append("mfu " + paint(f"{metrics['mfu']:5.2f}%", "mfu"))
+    fields.append("mem " + paint(f"{metrics['memory/peak_gib']:5.2f}GiB", "mem"))
     fields.extend(f"{key} {value:.4g}" for key, value in metrics.items() if key not in TENSORBOARD_NAMES)
     return "  ".join(fields)
 
@@ -185,15 +187,16 @@ def _logger_writes_to_terminal(log: logging.Logger) -> bool:
 
 
 class ProgressLine:
-    """Step/total, percent, rate and ETA for long runs.
+    """Step/total, percent, rate and ETA for long runs, drawn by ``rich``.
 
-    On a terminal it is one line redrawn in place with a carriage return, at most every
-    ``min_redraw_seconds``; ``hide()`` clears it so that a log line prints above it, and
-    the next ``update()`` or ``show()`` draws it again. On any other stream it prints a
-    plain line each time the run passes another tenth of its steps.
+    On a terminal it is one line redrawn in place, cropped to the terminal's width, at
+    most every ``min_redraw_seconds``; ``hide()`` clears it so that a log line prints
+    above it, and the next ``update()`` or ``show()`` draws it again. On any other
+    stream it prints a plain line each time the run passes another tenth of its steps.
 
-    The rate counts only the steps after the first one seen (which is usually slow)
-    and uses wall time, so pauses for checkpoints and validation are in the ETA.
+    The rate and ETA are rich's estimate: wall time over the steps of the last
+    ``speed_estimate_seconds``, leaving out the first step seen (which is usually slow),
+    so pauses for checkpoints and validation in that window are in the ETA.
     """
 
     def __init__(
@@ -203,86 +206,82 @@ class ProgressLine:
         stream: TextIO,
         clock: Callable[[], float] = time.monotonic,
         min_redraw_seconds: float = 0.1,
+        speed_estimate_seconds: float = 300.0,
     ) -> None:
         self.total_steps = total_steps
         self.stream = stream
-        self.interactive = _is_terminal(stream)
+        self.console = Console(file=stream, highlight=False, markup=False, emoji=False)
+        self.interactive = self.console.is_terminal
         self._clock = clock
         self._min_redraw_seconds = min_redraw_seconds
-        self._first_step: int | None = None
-        self._first_time = 0.0
-        self._first_step_seconds = 0.0
-        self._text = ""
+        # Used as the model of the task (samples, speed, ETA) and its columns; never
+        # started, so rich draws no live display of its own and redirects no stream.
+        self._progress = Progress(
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            RateColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            auto_refresh=False,
+            speed_estimate_period=speed_estimate_seconds,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            get_time=clock,
+        )
+        self._task = self._progress.add_task("train", total=total_steps, completed=0)
+        self._started = False
         self._visible = False
         self._last_draw = -math.inf
         self._next_tenth = 1
 
     def update(self, step: int, *, step_seconds: float) -> None:
+        # rich's speed leaves out the steps of its first sample: the first step seen.
+        self._progress.update(self._task, completed=step)
+        self._started = True
         now = self._clock()
-        if self._first_step is None:
-            self._first_step, self._first_time, self._first_step_seconds = step, now, step_seconds
-        self._text = self._describe(step, now)
         if self.interactive:
             due = now - self._last_draw >= self._min_redraw_seconds
             if due or not self._visible or step >= self.total_steps:
                 self._draw(now)
         elif step * 10 >= self._next_tenth * self.total_steps:
-            self._write(f"progress {self._text}\n")
+            self.console.print("progress " + self.text().plain, soft_wrap=True)
             self._next_tenth = step * 10 // self.total_steps + 1
+
+    def text(self) -> Text:
+        """The current line, as the columns render it: ``step  5/200    2%  2.00 steps/s  ETA 0:01:38``."""
+        task = self._progress.tasks[0]
+        columns = zip(("step ", "  ", "  ", "  ETA "), self._progress.columns, strict=True)
+        parts = (part for label, column in columns for part in (label, column(task)))
+        return Text.assemble(*parts)  # type: ignore[arg-type]
 
     def hide(self) -> None:
         if self._visible:
-            self._write(_CLEAR_LINE)
+            self.console.control(_ERASE_LINE)
             self._visible = False
 
     def show(self) -> None:
-        if self.interactive and self._text and not self._visible:
+        if self.interactive and self._started and not self._visible:
             self._draw(self._clock())
 
     def close(self) -> None:
         """Leave the last state on its own line."""
         if self._visible:
-            self._write("\n")
+            self.console.line()
             self._visible = False
-        self._text = ""
-
-    def steps_per_second(self, step: int, now: float) -> float:
-        assert self._first_step is not None
-        elapsed = now - self._first_time
-        if step > self._first_step and elapsed > 0:
-            return (step - self._first_step) / elapsed
-        return 1 / self._first_step_seconds if self._first_step_seconds > 0 else math.nan
-
-    def _describe(self, step: int, now: float) -> str:
-        rate = self.steps_per_second(step, now)
-        remaining = max(0, self.total_steps - step)
-        eta = remaining / rate if rate > 0 else math.nan
-        percent = 100 * step // self.total_steps
-        width = len(str(self.total_steps))
-        return (
-            f"step {step:>{width}d}/{self.total_steps}  {percent:3d}%  "
-            f"{format_rate(rate)}  ETA {format_duration(eta)}"
-        )
+        self._started = False
 
     def _draw(self, now: float) -> None:
-        text = self._text
-        columns = _terminal_columns(self.stream)
-        if columns is not None and len(text) >= columns:
-            text = text[: max(0, columns - 1)]
-        self._write(_CLEAR_LINE + text)
+        self.console.control(_ERASE_LINE)
+        self.console.print(self.text(), end="", no_wrap=True, overflow="ellipsis")
         self._visible = True
         self._last_draw = now
 
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
 
+class RateColumn(ProgressColumn):
+    """Steps per second (seconds per step when slower) from rich's speed estimate."""
 
-def _terminal_columns(stream: Any) -> int | None:
-    try:
-        return os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, OSError, ValueError):
-        return None
+    def render(self, task: Task) -> Text:
+        return Text(format_rate(math.nan if task.speed is None else task.speed), style="progress.data.speed")
 
 
 # ---------------------------------------------------------------------------
@@ -342,9 +341,11 @@ class MetricsProcessor:
     def _open_progress(self, stream: TextIO | None, clock: Callable[[], float]) -> ProgressLine | None:
         stream = sys.stderr if stream is None else stream
         mode = self.config.progress
-        if mode == "off" or (mode == "auto" and not _is_terminal(stream)):
+        if mode == "off":
             return None
         progress = ProgressLine(total_steps=self.total_steps, stream=stream, clock=clock)
+        if mode == "auto" and not progress.interactive:  # rich decides what a terminal is (FORCE_COLOR, ...)
+            return None
         if progress.interactive:
             # Any record of the plait logger clears the line first; the next step redraws it.
             logger.addFilter(self._clear_progress_before_log)

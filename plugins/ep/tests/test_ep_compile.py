@@ -10,9 +10,8 @@
   1e-5; ``aot_eager``: Dynamo and AOTAutograd trace what inductor would compile, without
   its C++ build).
 
-The training run waits for a core change (strict xfail: it fails loudly once the change
-lands; then drop the marker and the plugin's compile refusal): under ep the core must
-compile blocks with ``fullgraph=False``. The expert slices are FSDP units of their own, and
+Under ep the plugin declares ``RunNeeds(compile_fullgraph=False)``, so the core compiles
+blocks with graph breaks allowed: the expert slices are FSDP units of their own, and
 FSDP2 runs their hooks under ``torch._dynamo.disable`` (two graph breaks per MoE block,
 the only ones: the exchange, routing and experts trace).
 """

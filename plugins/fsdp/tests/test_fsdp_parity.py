@@ -70,7 +70,7 @@ def reference(tmp_path_factory) -> dict[str, dict[int, float]]:
             id="fsdp2-grad-accumulation-offload",
         ),
         pytest.param(4, ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2"], 1, [], id="hsdp2x2"),
-        pytest.param(  # the order of DESIGN §4: AC, then compile, then FSDP, per block
+        pytest.param(  # the per-chunk order of docs/plugins.md (Hook order): AC, then compile, then FSDP
             2,
             ["--parallelism.dp_shard", "2"],
             2,
