@@ -8,7 +8,7 @@ import typing
 import pytest
 
 from plait import __version__, config
-from plait.cli import PlanOptions, Selection, _field_help, _parse, main, parse_selection
+from plait.cli import PlanOptions, Selection, field_help, main, parse, parse_selection
 
 MODEL = """
 from dataclasses import dataclass
@@ -70,7 +70,7 @@ def test_top_level_help_lists_selection_and_what_is_installed_without_importing(
     assert code == 0
     for command in ("train", "plugins", "plan", "convert"):
         assert f"\n  {command} " in out
-    help_of = _field_help(Selection)
+    help_of = field_help(Selection)
     for option in ("config", "model", "plugins"):
         assert f"--{option} " in out and help_of[option] in out
     assert "toy_debug" in out and "models (--model):" in out and "toy" in out and "demo" in out
@@ -92,7 +92,7 @@ def test_train_help_shows_selection_recipes_and_field_help(installed, capsys):
 @pytest.mark.parametrize("name, section", sorted(typing.get_type_hints(config.JobConfig).items()))
 def test_every_core_config_field_has_help(name, section):
     """tyro shows a field's docstring as its help: every --section.field a user sets has one."""
-    assert set(_field_help(section)) == {f.name for f in dataclasses.fields(section)}, name
+    assert set(field_help(section)) == {f.name for f in dataclasses.fields(section)}, name
 
 
 def test_option_of_a_plugin_that_is_not_enabled(installed, capsys):
@@ -131,7 +131,7 @@ def test_selection_is_parsed_first_and_leaves_the_rest():
 def test_plan_options_keep_both_spellings():
     for argv in (["--world-size", "8", "--device-memory-gib", "80"],
                  ["--world_size", "8", "--device_memory_gib", "80"]):
-        options, rest = _parse(PlanOptions, [*argv, "--training.steps", "2"], prog="plait plan", partial=True)
+        options, rest = parse(PlanOptions, [*argv, "--training.steps", "2"], prog="plait plan", partial=True)
         assert options == PlanOptions(world_size=8, device_memory_gib=80.0) and rest == ["--training.steps", "2"]
 
 
@@ -162,7 +162,7 @@ def test_convert_passes_dtype(installed, capsys, monkeypatch, tmp_path):
     import plait.plugins
 
     calls = []
-    spec = type("Spec", (), {"args_for": lambda self, flavor: flavor})()
+    spec = type("Spec", (), {"name": "toy", "args_for": lambda self, flavor: flavor})()
     monkeypatch.setattr(plait.plugins, "load_model_spec", lambda name: spec)
     monkeypatch.setattr(plait.hf, "export_checkpoint_to_hf",
                         lambda ckpt, spec, args, out, *, dtype: calls.append((args, out, dtype)))

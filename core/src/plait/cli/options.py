@@ -1,0 +1,160 @@
+"""The options of the commands as dataclasses, and the one way plait parses them."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import typing
+from typing import Annotated, Any, Literal, NoReturn
+
+import tyro
+
+from plait.cli.installed import plugin_info, section_owners
+from plait.errors import ConfigError
+
+
+TYRO_CONFIG = (tyro.conf.FlagConversionOff,)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Selection:
+    """What to train and which plugins to enable (parsed first: the enabled plugins add
+    their own ``--<plugin>.*`` options)."""
+
+    config: Annotated[str, tyro.conf.arg(metavar="RECIPE")] = ""
+    """Named recipe to start from, e.g. llama3_debugmodel (enables its model package)."""
+    model: Annotated[str, tyro.conf.arg(metavar="NAME")] = ""
+    """Model to train, e.g. llama3 (enables the package providing it); optional with --config."""
+    plugins: Annotated[str, tyro.conf.arg(metavar="A,B")] = ""
+    """Comma-separated plugins to enable, e.g. fsdp,tp; each adds its --<plugin>.* options."""
+
+    @property
+    def plugin_names(self) -> list[str]:
+        return [p.strip() for p in self.plugins.split(",") if p.strip()]
+
+
+@dataclasses.dataclass(kw_only=True)
+class PlanOptions:
+    """Options of `plait plan` (besides those of `plait train`)."""
+
+    world_size: Annotated[int, tyro.conf.arg(metavar="N")] = 0
+    """Number of ranks to plan for (required), e.g. 512 (--world-size works too)."""
+    json: Annotated[str, tyro.conf.arg(metavar="FILE")] = ""
+    """Also write the plan as JSON to this file."""
+    device_memory_gib: Annotated[float, tyro.conf.arg(metavar="GIB")] = 0.0
+    """Memory of one device in GiB: ranks whose estimated peak exceeds it are flagged (0: no check)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConvertOptions:
+    checkpoint: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CHECKPOINT")]
+    """A checkpoint folder, e.g. outputs/checkpoint/step-50."""
+    output: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUTPUT")]
+    """The Hugging Face folder to write."""
+    model: Annotated[str, tyro.conf.arg(metavar="NAME")] = ""
+    """Model name (default: from the run's config.json)."""
+    flavor: Annotated[str, tyro.conf.arg(metavar="FLAVOR")] = ""
+    """Model flavor (default: from the run's config.json)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the written floating-point weights (the checkpoint stores float32)."""
+
+
+def parse(cls: type, argv: list[str], *, prog: str, description: str | None = None,
+           default: Any = tyro.MISSING_NONPROP, partial: bool = False,
+           selection: Selection | None = None) -> Any:
+    """The one way plait parses a command line. ``partial``: phase 1 of a two-phase parse,
+    which returns (parsed, the args left) and leaves --help to phase 2. Otherwise an option
+    that ``cls`` lacks is one ``ConfigError`` with close matches (or the plugin that adds it)."""
+    parsed, unknown = tyro.cli(cls, args=argv, prog=prog, description=description, default=default,
+                               return_unknown_args=True, add_help=not partial, use_underscores=True,
+                               config=TYRO_CONFIG)
+    if partial:
+        return parsed, unknown
+    if unknown:
+        _reject_unknown(unknown, cls, prog, selection or Selection())
+    return parsed
+
+
+def _option_names(cls: type, prefix: str = "") -> list[str]:
+    """``--section.field`` names of a dataclass as plait parses it (for suggestions only)."""
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:  # noqa: BLE001 - suggestions are best effort
+        return []
+    positional = typing.get_args(tyro.conf.Positional[int])[1]
+    names = []
+    for f in dataclasses.fields(cls):
+        kind, markers = hints.get(f.name), ()
+        if typing.get_origin(kind) is Annotated:
+            kind, *markers = typing.get_args(kind)
+        if positional in markers:
+            continue
+        flat = any(getattr(marker, "name", None) == "" for marker in markers)
+        name = prefix if flat else f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(kind):
+            names += _option_names(kind, name)  # type: ignore[arg-type]
+        else:
+            names.append("--" + name)
+    return names
+
+
+def _reject_unknown(unknown: list[str], cls: type, prog: str, selection: Selection) -> NoReturn:
+    options = [a.split("=", 1)[0] for a in unknown if a.startswith("-") and a != "--"]
+    if not options:
+        raise ConfigError(f"unexpected argument{'s' if len(unknown) > 1 else ''} "
+                          f"{' '.join(unknown)} (see {prog} --help)")
+    known = _option_names(cls)
+    sections = {n[2:].split(".", 1)[0] for n in known if "." in n}
+    _check_plugin_options(options, sections, selection)
+    option = options[0]
+    normalized = "--" + option.lstrip("-").replace("-", "_")
+    leaf = normalized.rsplit(".", 1)[-1].lstrip("-")
+    close = [n for n in known if n.rsplit(".", 1)[-1].lstrip("-") == leaf and n != normalized]
+    close += [n for n in difflib.get_close_matches(normalized, known, n=3, cutoff=0.7) if n not in close]
+    hint = f" Did you mean {' or '.join(close[:3])}?" if close else ""
+    rest = f" (also unrecognized: {' '.join(options[1:])})" if len(options) > 1 else ""
+    raise ConfigError(f"unrecognized option {option}.{hint}{rest} `{prog} --help` lists the options.")
+
+
+def wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
+def _check_plugin_options(options: list[str], sections: set[str], selection: Selection) -> None:
+    """``--tp.sequence_parallel False`` without ``--plugins tp``: name the plugin to enable
+    instead of a bare "unrecognized option"."""
+    owners: dict[str, str] | None = None
+    for option in options:
+        if not option.startswith("--") or "." not in option:
+            continue
+        section = option[2:].split(".", 1)[0].replace("-", "_")
+        if section in sections:
+            continue
+        owners = section_owners() if owners is None else owners
+        owner = owners.get(section)
+        if owner is None or owner in selection.plugin_names:
+            continue  # a plain unknown option: close matches are suggested
+        from plait.plugins import installed_plugins
+
+        info = plugin_info(installed_plugins()[owner])
+        if any(c.startswith("model:") for c in info.provides):
+            model = next(c[len("model:"):] for c in info.provides if c.startswith("model:"))
+            raise ConfigError(f"{option}: --{section}.* belongs to model package {owner!r}, which is not "
+                              f"enabled: it comes with --model {model}")
+        plugins = ",".join([*selection.plugin_names, owner])
+        raise ConfigError(f"{option}: --{section}.* belongs to plugin {owner!r}, which is not enabled: "
+                          f"add --plugins {plugins}")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The docstrings of ``cls``'s fields (what tyro shows as their help)."""
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
