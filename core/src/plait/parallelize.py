@@ -1,6 +1,6 @@
 """The core's own per-chunk transforms: activation checkpointing and torch.compile.
 
-They run between the plugins' context-parallel and data-parallel hooks (DESIGN §4.8),
+They run between the plugins' context-parallel and data-parallel hooks (the hook order in docs/plugins.md),
 block by block over ``model.<block_container>``.
 """
 from __future__ import annotations
