@@ -147,6 +147,11 @@ def checkpoint_dir(dump: Path, step: int) -> Path:
     return dump / "checkpoint" / f"step-{step}"
 
 
+def visible(folder: Path) -> list[str]:
+    """The entries of a folder but the hidden ones (the run's ``.lock``)."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
 # ------------------------------------------------------------------------ round trips
 
 
@@ -225,7 +230,7 @@ def test_keep_latest_k_keeps_the_newest(tmp_path):
         run.train(1)
         manager.save(step)
     assert list_checkpoints(str(tmp_path / "checkpoint")) == [3, 4]
-    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-3", "step-4"]
+    assert visible(tmp_path / "checkpoint") == ["step-3", "step-4"]
 
 
 def test_unfinished_folders_are_invisible_and_removed_at_next_save(tmp_path):
@@ -241,7 +246,7 @@ def test_unfinished_folders_are_invisible_and_removed_at_next_save(tmp_path):
 
     run.train(1)
     manager.save(2)
-    assert sorted(os.listdir(folder)) == ["step-1", "step-2"]
+    assert visible(folder) == ["step-1", "step-2"]
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -302,7 +307,7 @@ def test_resume_picks_latest_or_load_step_and_rejects_unknown_step(tmp_path):
 
     # Going on differently from step 2 replaces the step 4 of the abandoned continuation.
     chosen_manager.save(2)  # just loaded: nothing to do
-    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-2", "step-4"]
+    assert visible(tmp_path / "checkpoint") == ["step-2", "step-4"]
     torch.manual_seed(99)
     chosen.train(2)
     chosen_manager.save(4)
@@ -551,7 +556,9 @@ def _rank_main(rank: int, tmp: str) -> None:
 def test_fsdp2_world_2_loads_single_process_checkpoint_and_back(tmp_path):
     single = make_run(seed=0)
     single.train(1)
-    single.manager(tmp_path).save(1)
+    manager = single.manager(tmp_path)
+    manager.save(1)
+    manager.close()  # the spawned ranks take the folder's lock
     rng_at_save = torch.get_rng_state()
     torch.save(_snapshot(single), tmp_path / "step1.pt")
 

@@ -269,6 +269,10 @@ class CheckpointSection:
     """async writes checkpoints in the background while training continues."""
     load_step: int = -1
     """Resume from this step; -1 = the latest complete checkpoint."""
+    verify: bool = True
+    """Check every tensor read when resuming against the checksum recorded when it was
+    saved (a damaged file then stops the run, naming the checkpoint to fall back to);
+    false skips the check, for very large checkpoints. Checksums are always recorded."""
 
     def validate(self) -> None:
         _require(self.interval > 0, f"--checkpoint.interval must be positive, got {self.interval}")

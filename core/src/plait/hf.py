@@ -41,7 +41,19 @@ def _weight_files(folder: Path) -> list[Path]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConfigError(f"{index_path} has no 'weight_map'; expected {_EXPECTED}")
-        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise ConfigError(f"{index_path}: 'weight_map' must map tensor names to file names; expected {_EXPECTED}")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            # A shard lies in the folder: no absolute path, no "..". (Links are followed:
+            # the HF cache links each shard to its blob.)
+            parts = name.replace("\\", "/").split("/")
+            if not name or name.startswith(("/", "\\")) or ":" in name or ".." in parts:
+                raise ConfigError(
+                    f"{index_path} lists the weight file {name!r}, which lies outside {folder}: "
+                    f"an index may name only files inside its folder; fix or re-download the folder"
+                )
+        shards = [folder / name for name in names]
         absent = [shard.name for shard in shards if not shard.is_file()]
         if absent:
             raise ConfigError(f"{folder} lacks the shard(s) {', '.join(absent)} listed in {INDEX_FILE}")

@@ -27,23 +27,31 @@ from plait.checkpoint.plain_state import join_tensors, tensor_refs, tensor_to_js
 from plait.checkpoint.safe_storage import SafeFileSystemReader, damaged, describe, load_tensors, mismatch
 
 FORMAT = 1
+MODEL_PREFIX = "model."
 REPLICATED_KEY = "_plait.replicated"
 OPTIMIZER_RECORD_PREFIX = "_plait.optimizer."
+_PLAIN_STATE_FLOOR = 1024**3
 
 
-def load_model_state(checkpoint_dir: str, model_state_dict: dict[str, torch.Tensor]) -> None:
+def load_model_state(
+    checkpoint_dir: str, model_state_dict: dict[str, torch.Tensor], *, partial: bool = False, verify: bool = True
+) -> None:
     """Fill the tensors of ``model_state_dict`` (plain or DTensor) in place with the
-    checkpoint's model weights; the checkpoint may hold more than what is asked. When
-    torch.distributed is initialized, every rank must call it (DCP plans collectively)."""
-    reader = SafeFileSystemReader(checkpoint_dir)
+    checkpoint's model weights. Strict: the checkpoint must hold exactly these tensors,
+    with these shapes, or a ``CheckpointError`` names the differences before anything is
+    filled in. ``partial=True`` states that ``model_state_dict`` is one part of the model
+    (a pipeline stage, say): the checkpoint may then hold more. ``verify=False`` skips
+    the checksums. When torch.distributed is initialized, every rank must call it (DCP
+    plans collectively)."""
+    reader = SafeFileSystemReader(checkpoint_dir, verify=verify)
     metadata = reader.read_metadata()
-    tensors = {f"model.{fqn}": tensor for fqn, tensor in model_state_dict.items()}
-    check_against_metadata(checkpoint_dir, metadata, tensors)
+    tensors = {f"{MODEL_PREFIX}{fqn}": tensor for fqn, tensor in model_state_dict.items()}
+    check_model(checkpoint_dir, metadata, tensors, whole_model=None if partial else set(tensors))
     load_tensors(checkpoint_dir, reader, tensors)
 
 
 def load_records(
-    checkpoint_dir: str, reader: SafeFileSystemReader, metadata: Metadata, *, process_group: Any
+    checkpoint_dir: str, reader: SafeFileSystemReader, metadata: Metadata, *, process_group: Any, limit: int
 ) -> dict[str, Any]:
     """Load and parse the JSON records: the replicated states and the optimizer's."""
     keys = [
@@ -53,6 +61,7 @@ def load_records(
     ]
     if REPLICATED_KEY not in keys:
         raise mismatch(checkpoint_dir, "it holds no plait state record (it was not written by plait)")
+    check_declared_bytes(checkpoint_dir, metadata, keys, limit)
     buffers = {key: allocate(checkpoint_dir, metadata, key) for key in keys}
     load_tensors(checkpoint_dir, reader, buffers, process_group=process_group)
     records = {}
@@ -144,6 +153,62 @@ def allocate(checkpoint_dir: str, metadata: Metadata, key: str) -> torch.Tensor:
     if any(d < 0 for d in size) or math.prod(size) * element_size > stored:
         raise damaged(checkpoint_dir, f"its entry {key} claims more data than the checkpoint stores")
     return torch.empty(size, dtype=entry.properties.dtype)
+
+
+def plain_state_limit(model_tensors: Iterable[torch.Tensor]) -> int:
+    """The most bytes of plain state (records, scheduler, data loader, plugin states) a
+    checkpoint of this model may declare: 1 GiB, or the model's size if larger."""
+    return max(_PLAIN_STATE_FLOOR, sum(t.numel() * t.element_size() for t in model_tensors))
+
+
+def check_declared_bytes(checkpoint_dir: str, metadata: Metadata, keys: Iterable[str], limit: int) -> None:
+    """Before allocating entries whose sizes only the checkpoint states: refuse more than ``limit``."""
+    total = 0
+    for key in keys:
+        entry = metadata.state_dict_metadata.get(key)
+        if isinstance(entry, TensorStorageMetadata) and isinstance(entry.properties.dtype, torch.dtype):
+            total += math.prod(entry.size) * torch.empty((), dtype=entry.properties.dtype).element_size()
+    if total > limit:
+        raise damaged(
+            checkpoint_dir,
+            f"its plain state entries declare {total} bytes, more than a run of this model keeps "
+            f"({limit} bytes at most)",
+        )
+
+
+def check_model(
+    checkpoint_dir: str, metadata: Metadata, tensors: dict[str, Any], *, whole_model: set[str] | None
+) -> None:
+    """The checkpoint's model tensors are the model's, with the same shapes. ``tensors``
+    are the ones this process loads; ``whole_model`` the keys of the whole model (all
+    ranks and pipeline stages), None for a deliberately partial load."""
+    entries = metadata.state_dict_metadata
+    problems = []
+    missing = [key for key in tensors if key not in entries]
+    if missing:
+        problems.append(f"it has no {_names(missing)} ({len(missing)} of {len(tensors)} tensors are absent)")
+    if whole_model is not None:
+        extra = sorted(key for key in entries if key.startswith(MODEL_PREFIX) and key not in whole_model)
+        if extra:
+            problems.append(f"it holds {_names(extra)}, which this model lacks ({len(extra)} tensors)")
+    differing = []
+    for key, tensor in tensors.items():
+        entry = entries.get(key)
+        if entry is None:
+            continue
+        if not isinstance(entry, TensorStorageMetadata):
+            raise damaged(checkpoint_dir, f"its entry {key} is not a tensor")
+        if tuple(entry.size) != tuple(tensor.shape):
+            differing.append(f"{key} has shape {tuple(entry.size)} there but {tuple(tensor.shape)} here")
+    if differing:
+        problems.append(_names(differing, sep="; "))
+    if problems:
+        raise mismatch(checkpoint_dir, "; ".join(problems))
+
+
+def _names(items: list[str], *, sep: str = ", ", shown: int = 6) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
 
 
 def check_against_metadata(checkpoint_dir: str, metadata: Metadata, tensors: dict[str, Any]) -> None:

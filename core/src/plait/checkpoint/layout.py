@@ -6,6 +6,11 @@ Deleting goes the other way: rename to ``step-<N>.deleting`` first, then remove,
 half-deleted folder is never taken for a checkpoint. Leftovers of either kind are
 removed before the next save. Only the coordinating rank (rank 0) changes the folder;
 the folder must be shared by all ranks.
+
+Nothing in the folder is followed if it is a symbolic link: a link named like a
+checkpoint is not one, a link left as an unfinished folder is removed (never the folder
+it points to), and an unfinished folder is created exclusively before a save writes
+into it. (The checkpoint folder itself may be a link, to another disk say.)
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def list_checkpoints(folder: str) -> list[int]:
     steps = []
     for entry in entries:
         match = _COMPLETE.fullmatch(entry.name)
-        if match and entry.is_dir():
+        if match and entry.is_dir(follow_symlinks=False):
             steps.append(int(match.group(1)))
     return sorted(steps)
 
@@ -58,12 +63,19 @@ def remove_leftovers(root: str) -> None:
     for entry in entries:
         if _LEFTOVER.fullmatch(entry.name):
             logger.info("Removing unfinished checkpoint folder %s", entry.path)
-            shutil.rmtree(entry.path, ignore_errors=True)
+            _remove(entry.path)
+
+
+def create_partial(partial: str) -> None:
+    """Create the unfinished folder of a save; fails if anything of that name exists."""
+    os.mkdir(partial)
 
 
 def publish(partial: str, final: str) -> None:
     """Make a finished checkpoint visible, replacing an older one of the same step."""
-    if os.path.exists(final):
+    if os.path.islink(partial) or not os.path.isdir(partial):
+        raise OSError(f"{partial} is not a folder this run created (a symbolic link?)")
+    if os.path.lexists(final):
         _delete(final)
     os.rename(partial, final)
     _sync_folder(os.path.dirname(final))  # make the rename itself durable
@@ -84,11 +96,26 @@ def purge(root: str, *, keep_latest_k: int, keep_step: int) -> None:
 
 
 def _delete(checkpoint_dir: str) -> None:
+    if os.path.islink(checkpoint_dir):
+        os.unlink(checkpoint_dir)  # never what it points to
+        return
     doomed = checkpoint_dir + ".deleting"
-    if os.path.exists(doomed):
-        shutil.rmtree(doomed)
+    if os.path.lexists(doomed):
+        _remove(doomed, ignore_errors=False)
     os.rename(checkpoint_dir, doomed)
     shutil.rmtree(doomed)
+
+
+def _remove(path: str, *, ignore_errors: bool = True) -> None:
+    """Remove a folder, or only the link when ``path`` is a symbolic link."""
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path)
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 def _sync_folder(path: str) -> None:

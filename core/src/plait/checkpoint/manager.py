@@ -13,6 +13,7 @@ import os
 import re
 import time
 import warnings
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +26,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from plait.checkpoint import contents, layout
+from plait.checkpoint import lock as run_lock
+from plait.checkpoint.checksums import MARKER_KEY, ChecksummingWriter, marker_tensor
 from plait.checkpoint.model_state import model_state, optimizer_state, set_model_state, set_optimizer_state
 from plait.checkpoint.plain_state import fingerprint, join_tensors, json_to_tensor, split_tensors, tensor_refs
 from plait.checkpoint.safe_storage import SafeFileSystemReader, describe, load_tensors, mismatch, root_cause
@@ -63,8 +66,11 @@ class CheckpointManager:
 
     ``states`` are extra objects (dataloader, train state, plugin state) whose state
     dicts are plain data and tensors, identical on every rank; their tensors come back
-    on the CPU. Every rank must call ``load``, ``save``, ``wait`` and ``close`` at the
-    same points; the checkpoint folder must be shared by all ranks.
+    on the CPU. Every rank must create it and call ``load``, ``save``, ``wait`` and
+    ``close`` at the same points; the checkpoint folder must be shared by all ranks.
+
+    While it is open (checkpointing enabled) the run holds the lock of the checkpoint
+    folder (``lock``): a second run on the same folder stops at once, naming this one.
     """
 
     def __init__(
@@ -99,6 +105,27 @@ class CheckpointManager:
         self._pending: _PendingSave | None = None
         self._last_step: int | None = None
         self._closed = False
+        self._lock: run_lock.RunLock | None = None
+        if config.enable:
+            self._lock = self._take_lock()
+            # A manager dropped without close() (a test, an error path) lets go as well.
+            weakref.finalize(self, self._lock.release)
+
+    def _take_lock(self) -> run_lock.RunLock:
+        """Rank 0 locks the folder; every rank learns the outcome from it."""
+        held, refused = None, None
+        if self._rank == 0:
+            try:
+                held = run_lock.acquire(self.folder)
+            except (ConfigError, CheckpointError) as error:
+                refused = error
+        outcome = self._from_rank0(None if refused is None else (isinstance(refused, ConfigError), str(refused)))
+        if refused is not None:
+            raise refused
+        if outcome is not None:
+            is_config, message = outcome
+            raise (ConfigError if is_config else CheckpointError)(message)
+        return held if held is not None else run_lock.RunLock("")  # other ranks hold nothing
 
     # ---------------------------------------------------------------- resume
 
@@ -124,9 +151,16 @@ class CheckpointManager:
         return step
 
     def _load(self, checkpoint_dir: str) -> None:
-        reader = SafeFileSystemReader(checkpoint_dir)
+        reader = SafeFileSystemReader(checkpoint_dir, verify=self.config.verify)
         metadata = reader.read_metadata()
-        records = contents.load_records(checkpoint_dir, reader, metadata, process_group=self._group)
+        model = model_state(self.model_parts)
+        model_tensors = {f"{contents.MODEL_PREFIX}{fqn}": t for fqn, t in model.items()}
+        limit = contents.plain_state_limit(model_tensors.values())
+        records = contents.load_records(checkpoint_dir, reader, metadata, process_group=self._group, limit=limit)
+        # Strict: the checkpoint holds this model's tensors and no others. Each rank (a
+        # pipeline stage) may load a part; together they load the whole model.
+        whole_model = {key for keys in self._all_gather(sorted(model_tensors)) for key in keys}
+        contents.check_model(checkpoint_dir, metadata, model_tensors, whole_model=whole_model)
         replicated = contents.replicated_entries(checkpoint_dir, records.pop(contents.REPLICATED_KEY))
         saved_groups, saved_state = contents.merge_optimizer_records(checkpoint_dir, records.values())
 
@@ -136,16 +170,13 @@ class CheckpointManager:
             raise mismatch(
                 checkpoint_dir, f"it holds no state {absent[0]!r} (it holds: {', '.join(sorted(replicated))})"
             )
-        replicated_tensors = {
-            key: contents.allocate(checkpoint_dir, metadata, key)
-            for skeleton in entries.values()
-            for key in tensor_refs(skeleton)
-        }
-        model = model_state(self.model_parts)
+        replicated_keys = [key for skeleton in entries.values() for key in tensor_refs(skeleton)]
+        contents.check_declared_bytes(checkpoint_dir, metadata, replicated_keys, limit)
+        replicated_tensors = {key: contents.allocate(checkpoint_dir, metadata, key) for key in replicated_keys}
         target_optimizer = optimizer_state(self.model_parts, self.optimizer)
         optimizer_tensors = split_tensors(target_optimizer, key_prefix="optimizer").tensors
         tensors = {
-            **{f"model.{fqn}": t for fqn, t in model.items()},
+            **model_tensors,
             **optimizer_tensors,
             **replicated_tensors,
         }
@@ -176,13 +207,25 @@ class CheckpointManager:
         if step == self._last_step or not (force or step % self.config.interval == 0):
             return False
         self.wait()
+        problem = None
         if self._rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            layout.remove_leftovers(self.folder)
-        self._barrier()  # nobody writes into the folder before the leftovers are gone
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                layout.remove_leftovers(self.folder)
+                layout.create_partial(layout.partial_dir(self.folder, step))  # exclusively
+            except OSError as error:
+                problem = describe(error)
+        # Nobody writes into the folder before the leftovers are gone and it is created.
+        problem = self._from_rank0(problem)
+        if problem is not None:
+            raise CheckpointError(
+                f"Cannot start saving checkpoint step {step}: creating "
+                f"{layout.partial_dir(self.folder, step)} failed ({problem}). The earlier "
+                f"checkpoints are intact. Check the permissions and free space of {self.folder}."
+            )
         started = time.monotonic()
         to_save = self._state_to_save()
-        writer = dcp.FileSystemWriter(layout.partial_dir(self.folder, step))
+        writer = ChecksummingWriter(layout.partial_dir(self.folder, step))
         future: Future[Any]
         try:
             if self.config.async_mode == "async":
@@ -230,7 +273,8 @@ class CheckpointManager:
             raise error
 
     def close(self) -> None:
-        """Finish the save in flight and release the checkpoint process group."""
+        """Finish the save in flight, release the checkpoint process group and the
+        checkpoint folder's lock."""
         if self._closed:
             return
         try:
@@ -240,6 +284,8 @@ class CheckpointManager:
             if self._group is not None:
                 dist.destroy_process_group(self._group)
                 self._group = None
+            if self._lock is not None:
+                self._lock.release()
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         to_save = {f"model.{fqn}": tensor for fqn, tensor in model_state(self.model_parts).items()}
@@ -251,6 +297,7 @@ class CheckpointManager:
         }
         for split in replicated.values():
             to_save.update(split.tensors)
+        to_save[MARKER_KEY] = marker_tensor()
         to_save[contents.REPLICATED_KEY] = json_to_tensor(
             {
                 "format": contents.FORMAT,

@@ -92,6 +92,7 @@ def train(argv: list[str]):
     config, manager = job.config, job.plugins
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    run_lock = None
     if rank == 0:
         dump = config.job.dump_folder
         check_writable_folder(dump, "--job.dump_folder")
@@ -100,17 +101,25 @@ def train(argv: list[str]):
                                       "--metrics.tensorboard_folder")):
             if enabled:
                 check_writable_folder(os.path.join(dump, sub), option)
+        if config.checkpoint.enable:  # a second run on this folder stops before it writes anything
+            from plait.checkpoint.lock import acquire
+
+            run_lock = acquire(os.path.join(dump, config.checkpoint.folder))
         path = write_resolved_config(config, manager, job.declared_model_args)
         logger.info("plugins: %s; resolved config: %s", ", ".join(manager.enabled), path)
-    from plait.train import Trainer
-
-    trainer = Trainer(job)
     try:
-        return trainer.train()
+        from plait.train import Trainer
+
+        trainer = Trainer(job)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
+            del trainer
+            gc.collect()  # free what held process groups and tensors while the interpreter is whole
     finally:
-        trainer.close()
-        del trainer
-        gc.collect()  # free what held process groups and tensors while the interpreter is whole
+        if run_lock is not None:
+            run_lock.release()
 
 
 def plugins_command(argv: list[str]) -> int:

@@ -1,0 +1,4 @@
+"""``python -m plait.cli``: the `plait` executable."""
+from plait.cli import program
+
+program()
