@@ -316,3 +316,28 @@ def test_train_end_sees_the_result_or_the_error(tmp_path):
         train_toy(toy_config(tmp_path / "failing", steps=3), ToyModelPlugin(), failing)
     [(result, error)] = failing.ends
     assert result is None and str(error) == "boom"
+
+
+class BreakWeights:
+    """After the optimizer step of step 2, a weight becomes infinite while the loss of that
+    step (computed before) is still finite."""
+
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    @hookimpl
+    def plait_after_optimizer_step(self, ctx):
+        if ctx.step == 2:
+            with torch.no_grad():
+                next(ctx.model_parts[0].parameters()).view(-1)[0] = float("inf")
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from plait.errors import TrainingDivergedError
+
+    config = toy_config(tmp_path, steps=4)
+    config.checkpoint.interval = 1
+    with pytest.raises(TrainingDivergedError, match=r"step 2: the weights hold NaN or inf .*last good checkpoint \(step 1 "):
+        train_toy(config, ToyModelPlugin(), BreakWeights())
+    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("step-*")) == ["step-1"]

@@ -207,6 +207,7 @@ class CheckpointManager:
         if step == self._last_step or not (force or step % self.config.interval == 0):
             return False
         self.wait()
+        self._refuse_non_finite(step)
         problem = None
         if self._rank == 0:
             try:
@@ -246,6 +247,27 @@ class CheckpointManager:
         if self.config.async_mode != "async":
             self.wait()
         return True
+
+    def _refuse_non_finite(self, step: int) -> None:
+        """Never save weights that hold NaN or inf (a loss that is still finite can hide
+        them: it was computed before the optimizer step that broke them). Every rank checks
+        its shards; the answer is agreed so that all stop together."""
+        from plait.errors import TrainingDivergedError
+
+        local = [getattr(p, "_local_tensor", p).detach() for part in self.model_parts for p in part.parameters()]
+        local = [t for t in local if t.numel()]
+        norms = torch._foreach_norm(local) if local else []
+        broken = torch.tensor([0.0 if not norms or bool(torch.isfinite(torch.stack(norms)).all()) else 1.0])
+        if self._distributed:
+            dist.all_reduce(broken, op=dist.ReduceOp.MAX, group=self._group)
+        if broken.item():
+            saved = layout.list_checkpoints(self.folder) if os.path.isdir(self.folder) else []
+            last_good = f"step {saved[-1]} in {self.folder}" if saved else "none was saved yet"
+            raise TrainingDivergedError(
+                f"step {step}: the weights hold NaN or inf values, so no checkpoint was saved; the last good "
+                f"checkpoint ({last_good}) is intact. Lower --optimizer.lr, raise --lr_scheduler.warmup_steps "
+                "or lower --training.max_norm, or check the data, then resume."
+            )
 
     def wait(self) -> None:
         """Block until the save in flight is written and visible (on every rank)."""
