@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 class HFAdapter(Protocol):
@@ -58,10 +59,15 @@ class TPPlan:
     ``divisible_by_tp`` names the model-args attributes that tp must divide (head
     counts, FFN width; dotted for nested ones, ``"moe.hidden_dim"``, skipped where a
     part is None); the tp plugin checks them and reports the first that fails.
+
+    ``extra(model, tp_mesh)``, if set, runs after the styles are applied, for what no
+    style covers (qwen3's per-head q/k norms): the model acts through its own spec, and
+    no plugin asks for it by name.
     """
 
     styles: Mapping[str, TPStyle]
     divisible_by_tp: tuple[str, ...] = ()
+    extra: Callable[[nn.Module, DeviceMesh], Any] | None = None
 
 
 @dataclass(kw_only=True)

@@ -131,7 +131,7 @@ def _simulate_rank(rank: int, job: Job) -> tuple[RankPlan, dict[str, int]]:
 
     if dist.is_initialized():
         raise RuntimeError("plait plan simulates ranks itself; run it without torchrun")
-    config, manager, spec = job.config, job.plugins, job.spec
+    config, manager = job.config, job.plugins
     world_size = job.parallel_dims.world_size
     parallel_dims = ParallelDims.from_config(config.parallelism, world_size)  # fresh meshes per simulated rank
     job = dataclasses.replace(job, parallel_dims=parallel_dims)

@@ -14,11 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 import plait
 from plait.errors import CheckpointError, ConfigError
-from plait.hf import export_checkpoint_to_hf, load_hf_folder, save_hf_folder
-from plait_deepseek_v3.fp8 import dequantize_blockwise
+from plait.hf import load_hf_folder, save_hf_folder
+from plait.hf_mapping import dequantize_blockwise
 from plait_deepseek_v3.hf_adapter import DeepSeekV3HFAdapter
-from plait_deepseek_v3.model import ModelArgs, Transformer
-from plait_deepseek_v3.spec import FLAVORS, deepseek_v3_spec
+from plait_deepseek_v3.spec import FLAVORS
 
 ADAPTER = DeepSeekV3HFAdapter()
 SEQ_LEN = 48
@@ -110,30 +109,6 @@ def test_parity_depends_on_the_rope_layout_and_the_correction_bias(tmp_path: Pat
         for layer in range(args.n_dense_layers, args.n_layers):
             model.layers[str(layer)].moe.expert_bias.zero_()
     assert _max_gap(model, hf_model) > 1e-2
-
-
-def _fuse_experts(folder: Path, out: Path) -> None:
-    """Rewrite a per-expert checkpoint with fused 3-D expert tensors (gate and up stacked)."""
-    config, tensors = load_hf_folder(folder)
-    for layer in (1, 2):
-        prefix = f"model.layers.{layer}.mlp.experts"
-        stacked = {p: torch.stack([tensors.pop(f"{prefix}.{e}.{p}.weight") for e in range(N_EXPERTS)])
-                   for p in ("gate_proj", "up_proj", "down_proj")}  # fmt: skip
-        tensors[f"{prefix}.gate_up_proj"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]], dim=1)
-        tensors[f"{prefix}.down_proj"] = stacked["down_proj"]
-    save_hf_folder(out, config, tensors)
-
-
-def test_fused_expert_layout_loads_the_same_model(tmp_path: Path) -> None:
-    hf_model = _save_hf_model(tmp_path / "per_expert")
-    _fuse_experts(tmp_path / "per_expert", tmp_path / "fused")
-
-    model = plait.from_pretrained("deepseek_v3", str(tmp_path / "fused"))
-
-    reference = plait.from_pretrained("deepseek_v3", str(tmp_path / "per_expert"))
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[name], tensor), name
-    assert _max_gap(model, hf_model) <= 1e-4
 
 
 # --------------------------------------------------------------------------- fp8
@@ -240,64 +215,6 @@ def test_adapter_round_trip_is_exact(tmp_path: Path) -> None:
     # rope rows of the shared rotary key: even features first, then odd ones
     hf_rope = hf_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"][16:]
     assert torch.equal(ours["layers.0.attention.wkv_a.weight"][16:], torch.cat([hf_rope[0::2], hf_rope[1::2]]))
-
-
-def _plait_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights()
-        _randomize(model, seed)
-        for name, buffer in model.named_buffers():
-            if name.endswith("expert_bias"):  # a bias that load balancing has moved
-                buffer.copy_(0.1 * torch.randn(buffer.shape))
-    return model.eval()
-
-
-TINY_ARGS = dataclasses.replace(
-    FLAVORS["debugmodel"], dim=64, n_heads=4, vocab_size=VOCAB, inter_dim=96, kv_lora_rank=16, qk_nope_head_dim=16,
-    qk_rope_head_dim=8, v_head_dim=16, max_seq_len=128, original_seq_len=32, rope_factor=4.0, mscale=0.8,
-    moe=dataclasses.replace(FLAVORS["debugmodel"].moe, hidden_dim=32, route_scale=2.5),
-)  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "args",
-    [TINY_ARGS, dataclasses.replace(TINY_ARGS, q_lora_rank=24, max_seq_len=32)],
-    ids=["plain-q-yarn", "q-lora-no-yarn"],
-)
-def test_export_loads_in_transformers(tmp_path: Path, args: ModelArgs) -> None:
-    model = _plait_model(args)
-    save_hf_folder(tmp_path / "hf", ADAPTER.hf_config_from_args(args), ADAPTER.to_hf(model.state_dict(), args),
-                   max_shard_bytes=60_000)  # fmt: skip
-
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf_model).__name__ == "DeepseekV3ForCausalLM"
-    assert hf_model.model.layers[0].self_attn.scaling == pytest.approx(args.softmax_scale, rel=1e-12)
-    with torch.no_grad():
-        tokens = _tokens()[:, : args.max_seq_len]
-        assert (model(tokens) - hf_model(tokens).logits).abs().max().item() <= 1e-4
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_export_checkpoint_to_hf_and_back(tmp_path: Path) -> None:
-    """A DCP folder whose model weights sit under "model", next to other state."""
-    import torch.distributed.checkpoint as dcp
-
-    model = _plait_model(TINY_ARGS, seed=5)
-    dcp.save({"model": model.state_dict(), "train_state": {"step": torch.tensor(7)}},
-             checkpoint_id=str(tmp_path / "step-7"))  # fmt: skip
-
-    export_checkpoint_to_hf(tmp_path / "step-7", deepseek_v3_spec(), TINY_ARGS, tmp_path / "hf", max_shard_bytes=80_000)
-
-    hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert _max_gap(model, hf_model) <= 1e-4
-    reloaded = plait.from_pretrained("deepseek_v3", str(tmp_path / "hf"))
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
 # --------------------------------------------------------------------------- the official layout

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from plait.nn import MoE
-from plait_deepseek_v3.model import ModelArgs, Transformer, count_parameters
+from plait.testing import materialize
+from plait_deepseek_v3.model import count_parameters
 from plait_deepseek_v3.rope import Yarn, rope_table, yarn_inv_freq
-from plait_deepseek_v3.spec import FLAVORS, build_model
+from plait_deepseek_v3.spec import FLAVORS, deepseek_v3_spec
 
 DEBUG = FLAVORS["debugmodel"]
 #: The debug flavor, narrower, with a low-rank query projection and YaRN active.
@@ -22,19 +23,8 @@ TINY = dataclasses.replace(
 )  # fmt: skip
 
 
-def _materialize(args: ModelArgs, *, seed: int = 0, poison: bool = False) -> Transformer:
-    """The core's recipe: build on meta, ``to_empty``, then ``init_weights``."""
-    with torch.device("meta"):
-        model = build_model(args)
-    model.to_empty(device="cpu")
-    if poison:  # stand-in for uninitialized memory: anything init_weights skips stays NaN
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                tensor.fill_(float("nan"))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights()
-    return model
+def _materialize(args, **options):
+    return materialize(deepseek_v3_spec(), args, **options)
 
 
 @pytest.mark.parametrize(
@@ -43,8 +33,7 @@ def _materialize(args: ModelArgs, *, seed: int = 0, poison: bool = False) -> Tra
 )
 def test_published_parameter_counts(flavor: str, total_billions: float, active_billions: float) -> None:
     args = FLAVORS[flavor]
-    with torch.device("meta"):
-        model = build_model(args)
+    model = deepseek_v3_spec().build_meta(args)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == count_parameters(args)
     assert round(n_params / 1e9, 1) == total_billions
@@ -54,8 +43,7 @@ def test_published_parameter_counts(flavor: str, total_billions: float, active_b
 @pytest.mark.parametrize("flavor", sorted(FLAVORS))
 def test_count_parameters_matches_meta_build(flavor: str) -> None:
     args = FLAVORS[flavor]
-    with torch.device("meta"):
-        model = build_model(args)
+    model = deepseek_v3_spec().build_meta(args)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(args)
     embedding = model.tok_embeddings.weight.numel()
     assert count_parameters(args, include_embedding=False) == count_parameters(args) - embedding
@@ -84,8 +72,7 @@ def test_published_flavor_fields() -> None:
 def test_debug_flavor_is_dense_first_then_group_limited_moe() -> None:
     assert DEBUG.vocab_size == 2048  # the embedded tokenizer
     assert DEBUG.moe.group_limited and DEBUG.moe.score_func == "sigmoid"
-    with torch.device("meta"):
-        model = build_model(DEBUG)
+    model = deepseek_v3_spec().build_meta(DEBUG)
     kinds = ["dense" if block.feed_forward is not None else "moe" for block in model.layers.values()]
     assert kinds == ["dense", "moe", "moe", "moe"]
     assert all((block.moe is None) == (block.feed_forward is not None) for block in model.layers.values())
@@ -192,19 +179,6 @@ def test_attention_is_causal_and_uses_the_explicit_scale() -> None:
     with torch.no_grad():
         sdpa.scale = TINY.qk_head_dim**-0.5
         assert not torch.allclose(model(tokens), before)
-
-
-def test_pipeline_stage_runs_on_hidden_states() -> None:
-    model = _materialize(TINY).eval()
-    tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(tokens)
-        first, last = _materialize(TINY).eval(), _materialize(TINY).eval()
-        del first.layers["2"], first.layers["3"]
-        first.norm = first.output = None
-        del last.layers["0"], last.layers["1"]
-        last.tok_embeddings = None
-        assert torch.equal(last(first(tokens)), expected)
 
 
 def test_args_are_checked() -> None:

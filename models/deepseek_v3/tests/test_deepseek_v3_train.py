@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from plait.cli import train
+from plait.testing import short_job
 
 STEPS = 12
 
 
 def _expert_biases(checkpoint: Path) -> list[torch.Tensor]:
     from plait.checkpoint import load_model_state
-    from plait_deepseek_v3.spec import FLAVORS, build_model
+    from plait_deepseek_v3.spec import FLAVORS, deepseek_v3_spec
 
-    with torch.device("meta"):
-        model = build_model(FLAVORS["debugmodel"])
+    model = deepseek_v3_spec().build_meta(FLAVORS["debugmodel"])
     model.to_empty(device="cpu")
     state_dict = model.state_dict()
     load_model_state(str(checkpoint), state_dict)
@@ -26,17 +26,8 @@ def _expert_biases(checkpoint: Path) -> list[torch.Tensor]:
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_debugmodel_trains_and_balances_its_experts(tmp_path: Path) -> None:
-    result = train([
-        "--config", "deepseek_v3_debugmodel",
-        "--training.steps", str(STEPS),
-        "--training.seq_len", "64",
-        "--training.local_batch_size", "4",
-        "--optimizer.lr", "3e-3",
-        "--lr_scheduler.warmup_steps", "2",
-        "--checkpoint.interval", str(STEPS),
-        "--metrics.progress", "off",
-        "--job.dump_folder", str(tmp_path),
-    ])  # fmt: skip
+    result = train(short_job("deepseek_v3_debugmodel", tmp_path, "--lr_scheduler.warmup_steps", "2", steps=STEPS,
+                             lr=3e-3, local_batch_size=4, checkpoint_interval=STEPS))  # fmt: skip
 
     losses = result.losses
     assert sorted(losses) == list(range(1, STEPS + 1))

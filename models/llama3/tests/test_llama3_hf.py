@@ -1,7 +1,6 @@
 """Hugging Face interop: logits match transformers' Llama when loading and after exporting."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -12,10 +11,9 @@ transformers = pytest.importorskip("transformers")
 
 import plait
 from plait.errors import CheckpointError, ConfigError
-from plait.hf import export_checkpoint_to_hf, load_hf_folder, save_hf_folder
+from plait.testing import randomize_parameters as _randomize
+from plait.hf import load_hf_folder, save_hf_folder
 from plait_llama3.hf_adapter import Llama3HFAdapter
-from plait_llama3.model import ModelArgs, Transformer
-from plait_llama3.spec import FLAVORS, llama3_spec
 
 ADAPTER = Llama3HFAdapter()
 LLAMA31_ROPE = {
@@ -27,15 +25,6 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 32,  # below the test length, so the scaling matters
 }
 SEQ_LEN = 96
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that a wrong layout or frequency shows in the logits."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.15 * noise)
 
 
 def _save_hf_model(folder: Path, *, tie: bool, n_kv_heads: int, rope: dict | None, seed: int = 0):
@@ -123,58 +112,6 @@ def test_adapter_round_trip(tmp_path: Path) -> None:
         assert set(back) == set(hf_state)
         assert all(back[k] is hf_state[k] for k in back)
         assert ADAPTER.args_from_hf_config(ADAPTER.hf_config_from_args(args)) == args
-
-
-def _plait_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights()
-    _randomize(model, seed)
-    return model.eval()
-
-
-EXPORT_ARGS = dataclasses.replace(
-    FLAVORS["debugmodel_tiny"], vocab_size=96, max_seq_len=128, use_rope_scaling=True,
-    rope_original_max_position_embeddings=32,
-)
-
-
-@pytest.mark.parametrize("tie", [False, True])
-def test_export_loads_in_transformers(tmp_path: Path, tie: bool) -> None:
-    args = dataclasses.replace(EXPORT_ARGS, tie_word_embeddings=tie)
-    model = _plait_model(args)
-    save_hf_folder(tmp_path / "hf", ADAPTER.hf_config_from_args(args), ADAPTER.to_hf(model.state_dict(), args),
-                   max_shard_bytes=40_000)
-
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf_model).__name__ == "LlamaForCausalLM"
-    with torch.no_grad():
-        expected = model(_tokens())
-    torch.testing.assert_close(_hf_logits(hf_model, _tokens()), expected, rtol=0, atol=1e-4)
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_export_checkpoint_to_hf(tmp_path: Path) -> None:
-    """A DCP folder whose model weights sit under "model", next to other state."""
-    import torch.distributed.checkpoint as dcp
-
-    model = _plait_model(EXPORT_ARGS, seed=5)
-    dcp.save({"model": model.state_dict(), "train_state": {"step": torch.tensor(7)}},
-             checkpoint_id=str(tmp_path / "step-7"))
-
-    export_checkpoint_to_hf(tmp_path / "step-7", llama3_spec(), EXPORT_ARGS, tmp_path / "hf", max_shard_bytes=50_000)
-
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    with torch.no_grad():
-        expected = model(_tokens())
-    torch.testing.assert_close(_hf_logits(hf_model, _tokens()), expected, rtol=0, atol=1e-4)
-    reloaded = plait.from_pretrained("llama3", str(tmp_path / "hf"))
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
 def test_save_hf_folder_layouts(tmp_path: Path) -> None:

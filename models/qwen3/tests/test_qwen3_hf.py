@@ -13,24 +13,16 @@ transformers = pytest.importorskip("transformers")
 
 import plait
 from plait.errors import CheckpointError, ConfigError
-from plait.hf import export_checkpoint_to_hf, load_hf_folder, save_hf_folder
+from plait.testing import materialize, randomize_parameters as _randomize
+from plait.hf import load_hf_folder
 from plait.nn import MoEArgs
 from plait_qwen3.hf_adapter import Qwen3HFAdapter
-from plait_qwen3.model import ModelArgs, Transformer
+from plait_qwen3.model import ModelArgs
 from plait_qwen3.spec import qwen3_spec
 
 ADAPTER = Qwen3HFAdapter()
 SEQ_LEN = 48
 VOCAB = 96
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that a wrong layout, norm or routing shows in the logits."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.15 * noise)
 
 
 def _hf_config(*, moe: bool, tie: bool = False, norm_topk_prob: bool = True, n_kv_heads: int = 2):
@@ -63,6 +55,12 @@ def _tokens() -> torch.Tensor:
 def _hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits
+
+
+def _plait_model(args, seed: int = 0):
+    model = materialize(qwen3_spec(), args, seed=seed)
+    _randomize(model, seed)
+    return model.eval()
 
 
 def _max_gap(model, hf_model) -> float:
@@ -105,31 +103,6 @@ def test_parity_depends_on_the_head_norms(tmp_path: Path) -> None:
     assert _max_gap(model, hf_model) > 1e-2
 
 
-def _fuse_experts(folder: Path, out: Path, num_experts: int, n_layers: int) -> None:
-    """Rewrite a per-expert checkpoint with fused 3-D expert tensors (gate and up stacked)."""
-    config, tensors = load_hf_folder(folder)
-    for layer in range(n_layers):
-        prefix = f"model.layers.{layer}.mlp.experts"
-        pop = lambda e, p: tensors.pop(f"{prefix}.{e}.{p}.weight")  # noqa: E731
-        gate = torch.stack([pop(e, "gate_proj") for e in range(num_experts)])
-        up = torch.stack([pop(e, "up_proj") for e in range(num_experts)])
-        tensors[f"{prefix}.down_proj"] = torch.stack([pop(e, "down_proj") for e in range(num_experts)])
-        tensors[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
-    save_hf_folder(out, config, tensors)
-
-
-def test_fused_expert_layout_loads_the_same_model(tmp_path: Path) -> None:
-    hf_model = _save_hf_model(tmp_path / "per_expert", moe=True)
-    _fuse_experts(tmp_path / "per_expert", tmp_path / "fused", num_experts=8, n_layers=2)
-
-    model = plait.from_pretrained("qwen3", str(tmp_path / "fused"))
-
-    reference = plait.from_pretrained("qwen3", str(tmp_path / "per_expert"))
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[name], tensor), name
-    assert _max_gap(model, hf_model) <= 1e-4
-
-
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_adapter_round_trip(tmp_path: Path, moe: bool) -> None:
     _save_hf_model(tmp_path, moe=moe)
@@ -148,58 +121,9 @@ def test_adapter_round_trip(tmp_path: Path, moe: bool) -> None:
         assert torch.equal(ours["layers.1.moe.experts.w3"][5], hf_state["model.layers.1.mlp.experts.5.up_proj.weight"])
 
 
-def _plait_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights()
-    _randomize(model, seed)
-    return model.eval()
-
-
 DENSE_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, vocab_size=VOCAB, ffn_hidden_dim=96,
                        max_seq_len=128)  # fmt: skip
 MOE_ARGS = dataclasses.replace(DENSE_ARGS, moe=MoEArgs(num_experts=6, top_k=2, hidden_dim=32, normalize_weights=True))
-
-
-@pytest.mark.parametrize(
-    ("args", "architecture"),
-    [
-        (DENSE_ARGS, "Qwen3ForCausalLM"),
-        (dataclasses.replace(DENSE_ARGS, tie_word_embeddings=True), "Qwen3ForCausalLM"),
-        (MOE_ARGS, "Qwen3MoeForCausalLM"),
-    ],
-    ids=["dense", "dense-tied", "moe"],
-)
-def test_export_loads_in_transformers(tmp_path: Path, args: ModelArgs, architecture: str) -> None:
-    model = _plait_model(args)
-    save_hf_folder(tmp_path / "hf", ADAPTER.hf_config_from_args(args), ADAPTER.to_hf(model.state_dict(), args),
-                   max_shard_bytes=60_000)  # fmt: skip
-
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf_model).__name__ == architecture
-    assert _max_gap(model, hf_model) <= 1e-4
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_export_checkpoint_to_hf_and_back(tmp_path: Path) -> None:
-    """A DCP folder whose model weights sit under "model", next to other state."""
-    import torch.distributed.checkpoint as dcp
-
-    model = _plait_model(MOE_ARGS, seed=5)
-    dcp.save({"model": model.state_dict(), "train_state": {"step": torch.tensor(7)}},
-             checkpoint_id=str(tmp_path / "step-7"))  # fmt: skip
-
-    export_checkpoint_to_hf(tmp_path / "step-7", qwen3_spec(), MOE_ARGS, tmp_path / "hf", max_shard_bytes=80_000)
-
-    hf_model = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert _max_gap(model, hf_model) <= 1e-4
-    reloaded = plait.from_pretrained("qwen3", str(tmp_path / "hf"))
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
 def test_export_refuses_a_moved_expert_bias() -> None:

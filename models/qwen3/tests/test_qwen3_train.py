@@ -7,23 +7,14 @@ import pytest
 import torch
 
 from plait.cli import train
+from plait.testing import short_job
 
 STEPS = 12
 
 
 def _job(recipe: str, dump: Path, *extra: str) -> list[str]:
-    return [
-        "--config", recipe,
-        "--training.steps", str(STEPS),
-        "--training.seq_len", "64",
-        "--training.local_batch_size", "4",
-        "--optimizer.lr", "3e-3",
-        "--lr_scheduler.warmup_steps", "2",
-        "--checkpoint.interval", str(STEPS),
-        "--metrics.progress", "off",
-        "--job.dump_folder", str(dump),
-        *extra,
-    ]  # fmt: skip
+    return short_job(recipe, dump, "--lr_scheduler.warmup_steps", "2", *extra, steps=STEPS, lr=3e-3,
+                     local_batch_size=4, checkpoint_interval=STEPS)  # fmt: skip
 
 
 def _falls(losses: dict[int, float]) -> bool:
@@ -47,10 +38,9 @@ def _scalars(tensorboard: Path) -> dict[str, list[float]]:
 
 def _expert_biases(checkpoint: Path) -> list[torch.Tensor]:
     from plait.checkpoint import load_model_state
-    from plait_qwen3.spec import FLAVORS, build_model
+    from plait_qwen3.spec import FLAVORS, qwen3_spec
 
-    with torch.device("meta"):
-        model = build_model(FLAVORS["debugmodel_moe"])
+    model = qwen3_spec().build_meta(FLAVORS["debugmodel_moe"])
     model.to_empty(device="cpu")
     state_dict = model.state_dict()
     load_model_state(str(checkpoint), state_dict)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.nn.init import trunc_normal_
+from plait.nn.norms import RMSNorm
 from plait.nn.rope import apply_rope
 
 
@@ -34,9 +35,14 @@ class ScaledDotProductAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head causal attention; ``n_kv_heads < n_heads`` gives grouped-query attention."""
+    """Multi-head causal attention; ``n_kv_heads < n_heads`` gives grouped-query attention.
 
-    def __init__(self, *, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None) -> None:
+    ``head_dim`` may differ from ``dim / n_heads`` (Qwen3). ``qk_norm_eps`` adds an RMSNorm
+    over each query and key head before RoPE (``q_norm``, ``k_norm``; Qwen3, OLMo 2).
+    """
+
+    def __init__(self, *, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 qk_norm_eps: float | None = None) -> None:  # fmt: skip
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if n_heads % n_kv_heads:
@@ -46,7 +52,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        self.sdpa = ScaledDotProductAttention()
+        with_norms = qk_norm_eps is not None
+        self.q_norm = RMSNorm(self.head_dim, eps=qk_norm_eps) if with_norms else None
+        self.k_norm = RMSNorm(self.head_dim, eps=qk_norm_eps) if with_norms else None
+        # an explicit head_dim states the softmax scale (SDPA's default, 1 / sqrt(head_dim))
+        self.sdpa = ScaledDotProductAttention(scale=self.head_dim**-0.5 if head_dim is not None else None)
 
     def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
         """``x``: ``[batch, seq, dim]``; ``rope_cache``: see ``plait.nn.rope.rope_cache``.
@@ -58,6 +68,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq_len, -1, self.head_dim)
         k = self.wk(x).view(batch, seq_len, -1, self.head_dim)
         v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope_cache), apply_rope(k, rope_cache)
 
         queries_per_kv = q.shape[2] // k.shape[2]
@@ -73,3 +85,6 @@ class Attention(nn.Module):
         for linear in (self.wq, self.wk, self.wv):
             trunc_normal_(linear.weight, std=std)
         trunc_normal_(self.wo.weight, std=out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()

@@ -1,18 +1,20 @@
 """The pre-norm decoder the first-party models share: its blocks and the stack around them.
 
 A model package subclasses both: its block builds the attention (and a dense
-feed-forward or a MoE layer), its stack the embedding, blocks, final norm, LM head and
-the RoPE table, and how they are initialized. Forward and the block's initialization
-are the same for all of them.
+feed-forward or a MoE layer); its stack passes the sizes and blocks to
+``DecoderStack.__init__`` and says how its RoPE table is computed (``rope_table``).
+Construction, forward and initialization are the same for all of them.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from plait.nn.feed_forward import FeedForward
+from plait.nn.init import trunc_normal_
 from plait.nn.moe import MoE
 from plait.nn.norms import RMSNorm
 
@@ -63,22 +65,55 @@ class PreNormBlock(nn.Module):
 
 class DecoderStack(nn.Module):
     """``forward(tokens[B, S]) -> logits[B, S, vocab]`` through ``tok_embeddings``, the
-    ``layers`` (a ModuleDict of blocks, each given the ``rope_cache`` buffer), ``norm``
-    and ``output``, which a subclass sets.
+    ``layers`` (a ModuleDict of ``blocks`` keyed "0".."n-1", each given the ``rope_cache``
+    buffer), ``norm`` (RMSNorm) and ``output`` (the LM head, sharing the embedding's weight
+    when ``tie_word_embeddings``). ``rope_cache`` has ``rope_shape`` (positions first) and
+    is filled by ``init_weights`` from ``rope_table``, which a subclass implements.
 
     A pipeline stage may delete entries of ``layers`` and set ``tok_embeddings``,
     ``norm`` or ``output`` to None; ``forward`` then takes and returns hidden states
     where those modules are missing.
     """
 
-    tok_embeddings: nn.Embedding | None
-    layers: nn.ModuleDict
-    norm: nn.Module | None
-    output: nn.Linear | None
-    rope_cache: torch.Tensor
-    tie_word_embeddings: bool = False
-    """``output`` shares ``tok_embeddings``' weight: a subclass sets this and calls
-    ``tie_weights()`` once both modules exist."""
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        dim: int,
+        norm_eps: float,
+        blocks: Iterable[nn.Module],
+        rope_shape: tuple[int, int],
+        tie_word_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleDict({str(i): block for i, block in enumerate(blocks)})
+        self.norm: nn.Module | None = RMSNorm(dim, eps=norm_eps)
+        self.output: nn.Linear | None = nn.Linear(dim, vocab_size, bias=False)
+        self.register_buffer("rope_cache", torch.empty(rope_shape, dtype=torch.float32), persistent=False)
+        self.tie_word_embeddings = tie_word_embeddings
+        self.tie_weights()
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        """The values of ``rope_cache`` (float32, ``rope_shape``), computed on ``device``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement rope_table(device)")
+
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer from the global torch RNG (call under
+        no_grad): the RoPE table, the embedding (N(0, 1); a tied one takes the LM head's
+        scale ``dim ** -0.5``), each block, the final norm, the LM head (truncated normal
+        of std ``dim ** -0.5``)."""
+        self.rope_cache.copy_(self.rope_table(self.rope_cache.device))
+        head_std = self.dim**-0.5
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=head_std if self.tie_word_embeddings else 1.0)
+        for layer in self.layers.values():
+            layer.init_weights()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
+            trunc_normal_(self.output.weight, std=head_std)
 
     def tie_weights(self) -> None:
         if self.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:

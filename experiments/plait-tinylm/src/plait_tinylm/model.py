@@ -65,7 +65,9 @@ class TinyLM(nn.Module):
 
 
 def _flops_per_token(args: TinyLMArgs, seq_len: int) -> float:
-    per_block = 8 * args.dim * args.dim + 2 * seq_len * args.dim
+    """Forward+backward: 6 per matmul weight (``up``, ``down``, the LM head) plus the token
+    mix, ``2 * seq_len * dim`` per token forward (the full square, as einsum computes it)."""
+    per_block = 8 * args.dim * args.dim + seq_len * args.dim
     return 6.0 * (args.n_layers * per_block + args.dim * args.vocab_size)
 
 

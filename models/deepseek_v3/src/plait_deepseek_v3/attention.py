@@ -15,15 +15,11 @@ head uses, passes through ``rope_key`` (``HeadShared``) so that tp sums its grad
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from plait.nn import HeadShared, RMSNorm, ScaledDotProductAttention, apply_rope, trunc_normal_
-
-if TYPE_CHECKING:
-    from plait_deepseek_v3.model import ModelArgs
+from plait_deepseek_v3.args import ModelArgs
 
 #: The norms of the low-rank latents use DeepSeek's default epsilon, whatever ``norm_eps`` is.
 LATENT_NORM_EPS = 1e-6

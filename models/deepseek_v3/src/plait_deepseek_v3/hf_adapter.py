@@ -13,7 +13,7 @@ Names map one to one, with four changes of layout:
   (even features first, then odd ones), export restores them. Attention scores are
   unchanged: queries and keys are permuted alike.
 * fp8: block-wise fp8 weights with ``weight_scale_inv`` (the official checkpoint) are
-  dequantized to float32 on import (``plait_deepseek_v3.fp8``); export writes plain tensors.
+  dequantized to float32 on import (``plait.hf_mapping.dequantize_fp8_blockwise``); export writes plain tensors.
 * The multi-token-prediction layer of the official checkpoint (``model.layers.{n_layers}``)
   is not part of the model and is skipped on import.
 """
@@ -22,113 +22,88 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-from plait.errors import CheckpointError, ConfigError
+from plait.errors import ConfigError
+from plait.hf_mapping import (
+    FP8_BLOCK_SIZE,
+    HF_BLOCK_NORMS,
+    HF_DECODER_ENDS,
+    HF_FEED_FORWARD,
+    HFMapping,
+    InterleavedRopeRows,
+    MappedHFAdapter,
+    StackedExperts,
+    dequantize_fp8_blockwise,
+    drop_hf_layers_from,
+    hf_rope,
+    layer_renames,
+    renames,
+    require_hf_keys,
+)
 from plait.nn import MoEArgs
-from plait_deepseek_v3.fp8 import BLOCK_SIZE, dequantize_state_dict
-from plait_deepseek_v3.model import ModelArgs
+from plait_deepseek_v3.args import ModelArgs
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 
-_TOP_LEVEL = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_ATTENTION = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
-    "attention.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
-    "attention.wkv_b.weight": "self_attn.kv_b_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_PLAIN_QUERY = {"attention.wq.weight": "self_attn.q_proj.weight"}
-_LOW_RANK_QUERY = {
-    "attention.wq_a.weight": "self_attn.q_a_proj.weight",
-    "attention.q_norm.weight": "self_attn.q_a_layernorm.weight",
-    "attention.wq_b.weight": "self_attn.q_b_proj.weight",
-}
-_DENSE_FFN = {
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-}
-_MOE = {
-    "moe.router.gate.weight": "mlp.gate.weight",
-    "moe.expert_bias": "mlp.gate.e_score_correction_bias",
-    "moe.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
-    "moe.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
-    "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
-}
-#: our stacked expert weight -> HF per-expert projection name
-_EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+def _dense_layers(args: ModelArgs) -> range:
+    return range(args.n_dense_layers)
+
+
+def _moe_layers(args: ModelArgs) -> range:
+    return range(args.n_dense_layers, args.n_layers)
+
+
+#: the rope rows of each query head and of the rotary key shared by all heads
+_QUERY_ROPE = InterleavedRopeRows(head_dim=lambda a: a.qk_head_dim, rope_dim=lambda a: a.qk_rope_head_dim)
+_KEY_ROPE = InterleavedRopeRows(head_dim=lambda a: a.kv_lora_rank + a.qk_rope_head_dim,
+                                rope_dim=lambda a: a.qk_rope_head_dim)  # fmt: skip
+
+MAPPING = HFMapping(
+    model="deepseek_v3",
+    entries=[
+        *renames(HF_DECODER_ENDS),
+        *layer_renames(
+            {
+                **HF_BLOCK_NORMS,
+                "attention.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                "attention.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+                "attention.wkv_b.weight": "self_attn.kv_b_proj.weight",
+                "attention.wo.weight": "self_attn.o_proj.weight",
+            },
+            transforms={"attention.wkv_a.weight": _KEY_ROPE},
+        ),
+        *layer_renames({"attention.wq.weight": "self_attn.q_proj.weight"}, when=lambda a: not a.q_lora_rank,
+                       transforms={"attention.wq.weight": _QUERY_ROPE}),
+        *layer_renames(
+            {
+                "attention.wq_a.weight": "self_attn.q_a_proj.weight",
+                "attention.q_norm.weight": "self_attn.q_a_layernorm.weight",
+                "attention.wq_b.weight": "self_attn.q_b_proj.weight",
+            },
+            when=lambda a: bool(a.q_lora_rank),
+            transforms={"attention.wq_b.weight": _QUERY_ROPE},
+        ),
+        *layer_renames(HF_FEED_FORWARD, layers=_dense_layers),
+        *layer_renames(
+            {
+                "moe.router.gate.weight": "mlp.gate.weight",
+                "moe.expert_bias": "mlp.gate.e_score_correction_bias",
+                "moe.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+                "moe.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
+                "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+            },
+            layers=_moe_layers,
+        ),
+        StackedExperts(layers=_moe_layers),
+    ],
+    # the multi-token-prediction layer of the official checkpoint follows the last block
+    prepare=(drop_hf_layers_from(lambda a: a.n_layers), dequantize_fp8_blockwise),
+)  # fmt: skip
 _REQUIRED_HF_KEYS = (
     "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
     "vocab_size", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
     "v_head_dim",
 )  # fmt: skip
-
-
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(sorted(keys)[:5])
-    return shown + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
-
-
-def _renamed(args: ModelArgs) -> dict[str, str]:
-    """plait name -> HF name of every tensor that maps one to one."""
-    names = dict(_TOP_LEVEL)
-    query = _LOW_RANK_QUERY if args.q_lora_rank else _PLAIN_QUERY
-    for layer in range(args.n_layers):
-        mlp = _DENSE_FFN if layer < args.n_dense_layers else _MOE
-        for ours, theirs in {**_ATTENTION, **query, **mlp}.items():
-            names[f"layers.{layer}.{ours}"] = f"model.layers.{layer}.{theirs}"
-    return names
-
-
-def _per_expert_name(layer: int, expert: int, projection: str) -> str:
-    return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
-
-
-def _fused_names(layer: int) -> tuple[str, str]:
-    prefix = f"model.layers.{layer}.mlp.experts"
-    return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
-
-
-# --------------------------------------------------------------------------- RoPE layout
-
-
-def _rope_order(rope_dim: int) -> torch.Tensor:
-    """Interleaved (HF) feature index of each rotate-half (plait) feature: evens, then odds."""
-    return torch.cat((torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)))
-
-
-def _reorder_rope_rows(weight: torch.Tensor, *, head_dim: int, rope_dim: int, to_plait: bool) -> torch.Tensor:
-    """Reorder the last ``rope_dim`` rows of every ``head_dim`` rows of ``weight`` ``[out, in]``."""
-    order = _rope_order(rope_dim)
-    if not to_plait:
-        order = order.argsort()
-    heads = weight.reshape(-1, head_dim, weight.shape[-1])
-    nope, rope = heads.split([head_dim - rope_dim, rope_dim], dim=1)
-    return torch.cat((nope, rope[:, order]), dim=1).reshape(weight.shape)
-
-
-def _reorder_rope(state_dict: dict[str, torch.Tensor], args: ModelArgs, *, to_plait: bool) -> None:
-    """Switch the rope rows of every query and rotary-key projection of ``state_dict`` (plait
-    names) between the interleaved and the rotate-half layout, in place."""
-    query = "wq_b" if args.q_lora_rank else "wq"
-    for layer in range(args.n_layers):
-        prefix = f"layers.{layer}.attention"
-        state_dict[f"{prefix}.{query}.weight"] = _reorder_rope_rows(
-            state_dict[f"{prefix}.{query}.weight"], head_dim=args.qk_head_dim, rope_dim=args.qk_rope_head_dim,
-            to_plait=to_plait,
-        )  # fmt: skip
-        state_dict[f"{prefix}.wkv_a.weight"] = _reorder_rope_rows(
-            state_dict[f"{prefix}.wkv_a.weight"], head_dim=args.kv_lora_rank + args.qk_rope_head_dim,
-            rope_dim=args.qk_rope_head_dim, to_plait=to_plait,
-        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- config
@@ -137,9 +112,8 @@ def _reorder_rope(state_dict: dict[str, torch.Tensor], args: ModelArgs, *, to_pl
 def _yarn_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
     """ModelArgs RoPE fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
     ``rope_scaling`` (transformers 4 and the official config.json)."""
-    params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope = hf_rope(hf_config)
+    params, theta, rope_type = rope.params, rope.theta, rope.rope_type
     max_positions = int(hf_config.get("max_position_embeddings", 4096))
     if rope_type == "default":
         return {"rope_theta": theta, "rope_factor": 1.0, "max_seq_len": max_positions}
@@ -189,9 +163,7 @@ def _check_supported(hf_config: dict[str, Any]) -> None:
     model_type = hf_config.get("model_type", "deepseek_v3")
     if model_type != "deepseek_v3":
         raise ConfigError(f"deepseek_v3: config.json has model_type {model_type!r}; expected 'deepseek_v3'")
-    missing = [key for key in _REQUIRED_HF_KEYS if key not in hf_config]
-    if missing:
-        raise ConfigError(f"deepseek_v3: config.json lacks {', '.join(missing)}")
+    require_hf_keys("deepseek_v3", hf_config, _REQUIRED_HF_KEYS)
     refused = {
         "attention_bias": (bool(hf_config.get("attention_bias")), "attention biases"),
         "tie_word_embeddings": (bool(hf_config.get("tie_word_embeddings", False)), "tied embeddings"),
@@ -213,10 +185,10 @@ def _check_supported(hf_config: dict[str, Any]) -> None:
     quantization = hf_config.get("quantization_config")
     if quantization:
         block = list(quantization.get("weight_block_size") or [])
-        if quantization.get("quant_method") != "fp8" or block != list(BLOCK_SIZE):
+        if quantization.get("quant_method") != "fp8" or block != list(FP8_BLOCK_SIZE):
             raise ConfigError(
                 "deepseek_v3: only block-wise fp8 checkpoints (quant_method 'fp8', weight_block_size "
-                f"{list(BLOCK_SIZE)}) can be imported; config.json has {quantization}"
+                f"{list(FP8_BLOCK_SIZE)}) can be imported; config.json has {quantization}"
             )
 
 
@@ -235,8 +207,9 @@ def _moe_args(hf_config: dict[str, Any]) -> MoEArgs:
     )
 
 
-class DeepSeekV3HFAdapter:
+class DeepSeekV3HFAdapter(MappedHFAdapter):
     hf_architectures: tuple[str, ...] = (ARCHITECTURE,)
+    mapping = MAPPING
 
     def args_from_hf_config(self, hf_config: dict[str, Any]) -> ModelArgs:
         _check_supported(hf_config)
@@ -310,84 +283,3 @@ class DeepSeekV3HFAdapter:
             "rope_theta": args.rope_theta,
             "rope_scaling": {k: v for k, v in rope_parameters.items() if k != "rope_theta"} if yarn else None,
         }
-
-    def from_hf(self, hf_state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-        multi_token_prediction = f"model.layers.{args.n_layers}."
-        hf_state_dict = dequantize_state_dict(
-            {k: v for k, v in hf_state_dict.items() if not k.startswith(multi_token_prediction)}
-        )
-        names = _renamed(args)
-        missing = [theirs for theirs in names.values() if theirs not in hf_state_dict]
-        used = set(names.values())
-        state_dict = {ours: hf_state_dict[theirs] for ours, theirs in names.items() if theirs in hf_state_dict}
-        for layer in range(args.n_dense_layers, args.n_layers):
-            experts, expert_names = _experts_from_hf(hf_state_dict, layer, args.moe.num_experts)
-            used.update(expert_names)
-            if experts is None:
-                missing.extend(expert_names)
-                continue
-            for weight, tensor in experts.items():
-                state_dict[f"layers.{layer}.moe.experts.{weight}"] = tensor
-        if missing:
-            raise CheckpointError(
-                f"deepseek_v3: the HF checkpoint lacks {len(missing)} tensor(s) its config.json implies: "
-                f"{_listed(missing)}"
-            )
-        unexpected = [k for k in hf_state_dict if k not in used and not k.endswith(_IGNORED_HF_SUFFIXES)]
-        if unexpected:
-            raise CheckpointError(
-                f"deepseek_v3: the HF checkpoint has {len(unexpected)} tensor(s) this model does not use: "
-                f"{_listed(unexpected)}; is config.json from the same model?"
-            )
-        _reorder_rope(state_dict, args, to_plait=True)
-        return state_dict
-
-    def to_hf(self, state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-        names = _renamed(args)
-        expected = set(names)
-        for layer in range(args.n_dense_layers, args.n_layers):
-            expected.update(f"layers.{layer}.moe.experts.{weight}" for weight in _EXPERT_PROJECTIONS)
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        if missing or unexpected:
-            raise CheckpointError(
-                "deepseek_v3: the state dict does not match the model args"
-                + (f"; missing: {_listed(missing)}" if missing else "")
-                + (f"; unexpected: {_listed(unexpected)}" if unexpected else "")
-            )
-        state_dict = {k: _full(v) for k, v in state_dict.items()}
-        _reorder_rope(state_dict, args, to_plait=False)
-        hf_state_dict = {theirs: state_dict[ours] for ours, theirs in names.items()}
-        for layer in range(args.n_dense_layers, args.n_layers):
-            for weight, projection in _EXPERT_PROJECTIONS.items():
-                stacked = state_dict[f"layers.{layer}.moe.experts.{weight}"]
-                for expert, tensor in enumerate(stacked.unbind(0)):
-                    hf_state_dict[_per_expert_name(layer, expert, projection)] = tensor
-        return hf_state_dict
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor (sharded model), else the tensor itself."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else tensor
-
-
-def _experts_from_hf(
-    hf_state_dict: dict[str, torch.Tensor], layer: int, num_experts: int
-) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
-    """Stacked ``w1/w2/w3`` of one layer and the HF names they come from; None (and the
-    names that were looked for but are absent) when the layer's experts are missing."""
-    gate_up_name, down_name = _fused_names(layer)
-    if gate_up_name in hf_state_dict and down_name in hf_state_dict:
-        gate, up = hf_state_dict[gate_up_name].chunk(2, dim=1)
-        return {"w1": gate, "w3": up, "w2": hf_state_dict[down_name]}, [gate_up_name, down_name]
-    per_expert = {
-        weight: [_per_expert_name(layer, expert, projection) for expert in range(num_experts)]
-        for weight, projection in _EXPERT_PROJECTIONS.items()
-    }
-    expert_names = [name for names in per_expert.values() for name in names]
-    absent = [name for name in expert_names if name not in hf_state_dict]
-    if absent:
-        return None, absent
-    stacked = {weight: torch.stack([hf_state_dict[name] for name in names]) for weight, names in per_expert.items()}
-    return stacked, expert_names

@@ -1,10 +1,11 @@
-"""The deepseek_v3 ``ModelSpec``: flavors, FLOPs, tensor-parallel plan, pipeline split
-points, expert modules."""
+"""The deepseek_v3 ``ModelSpec`` (``plait.decoder_spec``): flavors and what differs from the
+shared decoder (latent attention's TP styles; no context parallelism)."""
 from __future__ import annotations
 
 import dataclasses
 
-from plait.model_spec import ModelSpec, TPPlan, even_split_points
+from plait.decoder_spec import decoder_spec
+from plait.model_spec import ModelSpec
 from plait.nn import MoEArgs
 from plait_deepseek_v3.hf_adapter import DeepSeekV3HFAdapter
 from plait_deepseek_v3.model import ModelArgs, Transformer, count_parameters
@@ -36,65 +37,29 @@ FLAVORS: dict[str, ModelArgs] = {
     "671B": ModelArgs(),
 }  # fmt: skip
 
-#: Heads and feed-forward features are split over the tp ranks: the latent projections
-#: (``wq_a``, ``wkv_a``) and their norms are replicated (every rank computes the latents in
-#: full), the rotary key all heads share has its gradient summed (``rope_key``), and the
-#: MoE blocks split every expert's hidden features (the tp plugin's "moe" style).
-TP_PLAN = TPPlan(
-    styles={
-        "tok_embeddings": "embedding",
-        "norm": "sequence_parallel",
-        "output": "output",
-        "layers.*.attention_norm": "sequence_parallel",
-        "layers.*.attention": "prepare_input",
-        "layers.*.attention.wq": "colwise",
-        "layers.*.attention.wq_b": "colwise",
-        "layers.*.attention.wq_a": "replicate",
-        "layers.*.attention.q_norm": "replicate",
-        "layers.*.attention.wkv_a": "replicate",
-        "layers.*.attention.kv_norm": "replicate",
-        "layers.*.attention.wkv_b": "colwise",
-        "layers.*.attention.rope_key": "sum_gradient",
-        "layers.*.attention.wo": "rowwise",
-        "layers.*.ffn_norm": "sequence_parallel",
-        "layers.*.feed_forward": "prepare_input",
-        "layers.*.feed_forward.w1": "colwise",
-        "layers.*.feed_forward.w3": "colwise",
-        "layers.*.feed_forward.w2": "rowwise",
-        "layers.*.moe": "moe",
-    },
-    divisible_by_tp=("n_heads", "inter_dim", "moe.hidden_dim"),
-)
-
-
-def build_model(args: ModelArgs) -> Transformer:
-    return Transformer(args)
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Forward+backward FLOPs per token: 6 per weight a token uses (attention, the dense
-    feed-forward or the ``top_k`` routed plus the shared experts, router, LM head; not the
-    embedding) plus the causal attention scores (``q·k`` over ``qk_head_dim``, then
-    ``softmax·v`` over ``v_head_dim``)."""
-    weights = count_parameters(args, include_embedding=False, active_only=True)
-    attention = 6 * args.n_layers * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
-    return float(6 * weights + attention)
-
-
-def pipeline_split_points(args: ModelArgs, num_stages: int) -> list[str]:
-    return even_split_points("deepseek_v3", args.n_layers, num_stages)
-
-
 def deepseek_v3_spec() -> ModelSpec:
-    return ModelSpec(
-        name="deepseek_v3",
+    """Heads and feed-forward features are split over the tp ranks: the latent projections
+    (``wq_a``, ``wkv_a``) and their norms are replicated (every rank computes the latents
+    in full), the rotary key all heads share has its gradient summed (``rope_key``), and
+    the MoE blocks split every expert's hidden features (the tp plugin's "moe" style)."""
+    return decoder_spec(
+        "deepseek_v3",
         flavors=FLAVORS,
-        build=build_model,
-        flops_per_token=flops_per_token,
-        block_container="layers",
-        seq_len_arg="max_seq_len",
-        tp_plan=TP_PLAN,
-        pipeline_split_points=pipeline_split_points,
-        expert_modules=("layers.*.moe.experts",),
+        build=Transformer,
+        count_parameters=count_parameters,
+        attention_dims=lambda args: (args.n_heads, args.qk_head_dim, args.v_head_dim),
+        attention_tp={
+            "wq": "colwise", "wq_b": "colwise", "wq_a": "replicate", "q_norm": "replicate", "wkv_a": "replicate",
+            "kv_norm": "replicate", "wkv_b": "colwise", "rope_key": "sum_gradient", "wo": "rowwise",
+        },
+        divisible_by_tp=("n_heads", "inter_dim", "moe.hidden_dim"),
+        moe=True,
+        context_parallel=False,
         hf_adapter=DeepSeekV3HFAdapter(),
-    )
+    )  # fmt: skip
+
+
+_SPEC = deepseek_v3_spec()
+TP_PLAN = _SPEC.tp_plan
+flops_per_token = _SPEC.flops_per_token
+pipeline_split_points = _SPEC.pipeline_split_points

@@ -6,66 +6,52 @@ permutation, no reshaping. Tied embeddings (Llama 3.2 1B/3B) keep only
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from plait.errors import CheckpointError, ConfigError
+from plait.errors import ConfigError
+from plait.hf_mapping import (
+    HF_BLOCK_NORMS,
+    HF_DECODER_ENDS,
+    HF_FEED_FORWARD,
+    HFMapping,
+    MappedHFAdapter,
+    hf_rope,
+    layer_renames,
+    renames,
+    require_hf_keys,
+)
 from plait_llama3.model import ModelArgs
 
-if TYPE_CHECKING:
-    import torch
-
-_TOP_LEVEL = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_PER_LAYER = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-}
-#: HF tensors that carry no weights (older checkpoints saved the RoPE frequencies).
-_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+MAPPING = HFMapping(
+    model="llama3",
+    entries=[
+        *renames(HF_DECODER_ENDS),
+        *layer_renames({
+            **HF_BLOCK_NORMS,
+            "attention.wq.weight": "self_attn.q_proj.weight",
+            "attention.wk.weight": "self_attn.k_proj.weight",
+            "attention.wv.weight": "self_attn.v_proj.weight",
+            "attention.wo.weight": "self_attn.o_proj.weight",
+            **HF_FEED_FORWARD,
+        }),
+    ],
+)  # fmt: skip
 _REQUIRED_HF_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
-def _plait_to_hf_names(args: ModelArgs) -> dict[str, str]:
-    names = dict(_TOP_LEVEL)
-    if args.tie_word_embeddings:
-        del names["output.weight"]
-    for layer in range(args.n_layers):
-        for ours, theirs in _PER_LAYER.items():
-            names[f"layers.{layer}.{ours}"] = f"model.layers.{layer}.{theirs}"
-    return names
-
-
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(sorted(keys)[:5])
-    return shown + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
-
-
 def _rope_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
-    # transformers 5 writes ``rope_parameters`` (theta inside); older versions write
-    # ``rope_theta`` next to an optional ``rope_scaling``.
-    params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return {"rope_theta": float(theta), "use_rope_scaling": False}
-    if rope_type != "llama3":
+    rope = hf_rope(hf_config)
+    if rope.rope_type == "default":
+        return {"rope_theta": rope.theta, "use_rope_scaling": False}
+    if rope.rope_type != "llama3":
         raise ConfigError(
-            f"llama3: RoPE type {rope_type!r} in config.json is not supported; "
+            f"llama3: RoPE type {rope.rope_type!r} in config.json is not supported; "
             "supported: 'default' and 'llama3' (Llama 3.1 frequency scaling)"
         )
+    params = rope.params
     try:
         return {
-            "rope_theta": float(theta),
+            "rope_theta": rope.theta,
             "use_rope_scaling": True,
             "rope_scaling_factor": float(params["factor"]),
             "rope_low_freq_factor": float(params["low_freq_factor"]),
@@ -76,16 +62,15 @@ def _rope_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"llama3: the llama3 RoPE parameters in config.json lack {missing}") from None
 
 
-class Llama3HFAdapter:
+class Llama3HFAdapter(MappedHFAdapter):
     hf_architectures: tuple[str, ...] = ("LlamaForCausalLM",)
+    mapping = MAPPING
 
     def args_from_hf_config(self, hf_config: dict[str, Any]) -> ModelArgs:
         model_type = hf_config.get("model_type", "llama")
         if model_type != "llama":
             raise ConfigError(f"llama3: config.json has model_type {model_type!r}; expected 'llama'")
-        missing = [key for key in _REQUIRED_HF_KEYS if key not in hf_config]
-        if missing:
-            raise ConfigError(f"llama3: config.json lacks {', '.join(missing)}")
+        require_hf_keys("llama3", hf_config, _REQUIRED_HF_KEYS)
         unsupported = [flag for flag in ("attention_bias", "mlp_bias") if hf_config.get(flag)]
         if unsupported:
             raise ConfigError(f"llama3: biases are not supported ({', '.join(unsupported)} is true in config.json)")
@@ -145,39 +130,3 @@ class Llama3HFAdapter:
             "rope_theta": args.rope_theta,
             "rope_scaling": legacy_scaling,
         }
-
-    def from_hf(self, hf_state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-        names = _plait_to_hf_names(args)
-        missing = [hf for hf in names.values() if hf not in hf_state_dict]
-        if missing:
-            raise CheckpointError(
-                f"llama3: the HF checkpoint lacks {len(missing)} tensor(s) its config.json implies: {_listed(missing)}"
-            )
-        known = set(names.values())
-        if args.tie_word_embeddings:
-            known.add("lm_head.weight")  # some tied checkpoints store the copy anyway
-        unexpected = [k for k in hf_state_dict if k not in known and not k.endswith(_IGNORED_HF_SUFFIXES)]
-        if unexpected:
-            raise CheckpointError(
-                f"llama3: the HF checkpoint has {len(unexpected)} tensor(s) this model does not use: "
-                f"{_listed(unexpected)}; is config.json from the same model?"
-            )
-        state_dict = {ours: hf_state_dict[theirs] for ours, theirs in names.items()}
-        if args.tie_word_embeddings:
-            state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-        return state_dict
-
-    def to_hf(self, state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-        names = _plait_to_hf_names(args)
-        expected = set(names)
-        if args.tie_word_embeddings:
-            expected.add("output.weight")
-        missing = [k for k in names if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        if missing or unexpected:
-            raise CheckpointError(
-                "llama3: the state dict does not match the model args"
-                + (f"; missing: {_listed(missing)}" if missing else "")
-                + (f"; unexpected: {_listed(unexpected)}" if unexpected else "")
-            )
-        return {theirs: state_dict[ours] for ours, theirs in names.items()}

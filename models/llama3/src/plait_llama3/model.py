@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from plait.errors import ConfigError
 from plait.nn import (
@@ -12,11 +11,9 @@ from plait.nn import (
     DecoderStack,
     FeedForward,
     PreNormBlock,
-    RMSNorm,
     RopeScaling,
     rope_cache,
     swiglu_hidden_dim,
-    trunc_normal_,
 )
 
 
@@ -82,8 +79,9 @@ class ModelArgs:
             raise ConfigError(f"llama3: head_dim = dim / n_heads ({self.head_dim}) must be even for RoPE")
 
 
-def count_parameters(args: ModelArgs, *, include_embedding: bool = True) -> int:
-    """Parameters of the model, counted from its args (the LM head is not an embedding)."""
+def count_parameters(args: ModelArgs, *, include_embedding: bool = True, active_only: bool = False) -> int:
+    """Parameters of the model, counted from its args (the LM head is not an embedding);
+    every weight is active (``active_only`` is for the signature ``plait.decoder_spec`` reads)."""
     attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.kv_heads)
     feed_forward = 3 * args.dim * args.ffn_dim
     block = attention + feed_forward + 2 * args.dim
@@ -110,37 +108,14 @@ class Transformer(DecoderStack):
     """The Llama 3 decoder (``plait.nn.DecoderStack``)."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
+        super().__init__(
+            vocab_size=args.vocab_size, dim=args.dim, norm_eps=args.norm_eps,
+            blocks=[TransformerBlock(i, args) for i in range(args.n_layers)],
+            rope_shape=(args.max_seq_len, 2 * args.head_dim), tie_word_embeddings=args.tie_word_embeddings,
+        )  # fmt: skip
         self.args = args
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer(
-            "rope_cache", torch.empty(args.max_seq_len, 2 * args.head_dim, dtype=torch.float32), persistent=False
-        )
-        self.tie_word_embeddings = args.tie_word_embeddings
-        self.tie_weights()
 
-    def init_weights(self) -> None:
-        """Initialize every parameter and buffer from the global torch RNG (call under no_grad)."""
-        self.rope_cache.copy_(
-            rope_cache(
-                self.args.head_dim,
-                self.args.max_seq_len,
-                theta=self.args.rope_theta,
-                scaling=self.args.rope_scaling,
-                device=self.rope_cache.device,
-            )
-        )
-        head_std = self.args.dim**-0.5
-        if self.tok_embeddings is not None:
-            # A tied matrix also serves as the LM head, so it takes the head's scale.
-            embedding_std = head_std if self.args.tie_word_embeddings else 1.0
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=embedding_std)
-        for layer in self.layers.values():
-            layer.init_weights()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
-            trunc_normal_(self.output.weight, std=head_std)
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        args = self.args
+        return rope_cache(args.head_dim, args.max_seq_len, theta=args.rope_theta, scaling=args.rope_scaling,
+                          device=device)  # fmt: skip

@@ -1,7 +1,8 @@
-"""The llama3 ``ModelSpec``: flavors, FLOPs, tensor-parallel plan, pipeline split points."""
+"""The llama3 ``ModelSpec`` (``plait.decoder_spec``): flavors and what differs from the shared decoder."""
 from __future__ import annotations
 
-from plait.model_spec import ModelSpec, TPPlan, even_split_points
+from plait.decoder_spec import decoder_spec
+from plait.model_spec import ModelSpec
 from plait_llama3.hf_adapter import Llama3HFAdapter
 from plait_llama3.model import ModelArgs, Transformer, count_parameters
 
@@ -62,54 +63,21 @@ FLAVORS: dict[str, ModelArgs] = {
     ),
 }
 
-TP_PLAN = TPPlan(
-    styles={
-        "tok_embeddings": "embedding",
-        "norm": "sequence_parallel",
-        "output": "output",
-        "layers.*.attention_norm": "sequence_parallel",
-        "layers.*.attention": "prepare_input",
-        "layers.*.attention.wq": "colwise",
-        "layers.*.attention.wk": "colwise",
-        "layers.*.attention.wv": "colwise",
-        "layers.*.attention.wo": "rowwise",
-        "layers.*.ffn_norm": "sequence_parallel",
-        "layers.*.feed_forward": "prepare_input",
-        "layers.*.feed_forward.w1": "colwise",
-        "layers.*.feed_forward.w3": "colwise",
-        "layers.*.feed_forward.w2": "rowwise",
-    },
-    divisible_by_tp=("n_heads", "kv_heads", "ffn_dim"),
-)
-
-
-def build_model(args: ModelArgs) -> Transformer:
-    return Transformer(args)
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Forward+backward FLOPs per token: 6 per non-embedding weight plus causal attention scores."""
-    weights = count_parameters(args, include_embedding=False)
-    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
-    return float(6 * weights + attention)
-
-
-def pipeline_split_points(args: ModelArgs, num_stages: int) -> list[str]:
-    return even_split_points("llama3", args.n_layers, num_stages, tied_embeddings=args.tie_word_embeddings)
-
 
 def llama3_spec() -> ModelSpec:
-    return ModelSpec(
-        name="llama3",
+    return decoder_spec(
+        "llama3",
         flavors=FLAVORS,
-        build=build_model,
-        flops_per_token=flops_per_token,
-        block_container="layers",
-        seq_len_arg="max_seq_len",
-        tp_plan=TP_PLAN,
-        pipeline_split_points=pipeline_split_points,
-        cp_attention="sdpa",
-        cp_attention_modules=("layers.*.attention.sdpa",),
-        cp_sequence_buffers={"rope_cache": 0},
+        build=Transformer,
+        count_parameters=count_parameters,
+        attention_dims=lambda args: (args.n_heads, args.head_dim, args.head_dim),
+        attention_tp={"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"},
+        divisible_by_tp=("n_heads", "kv_heads", "ffn_dim"),
         hf_adapter=Llama3HFAdapter(),
     )
+
+
+_SPEC = llama3_spec()
+TP_PLAN = _SPEC.tp_plan
+flops_per_token = _SPEC.flops_per_token
+pipeline_split_points = _SPEC.pipeline_split_points

@@ -10,20 +10,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
 from plait.errors import ConfigError
 from plait.nn import (
+    Attention,
     DecoderStack,
     FeedForward,
     MoE,
     MoEArgs,
     PreNormBlock,
-    RMSNorm,
-    ScaledDotProductAttention,
-    apply_rope,
     rope_cache,
-    trunc_normal_,
 )
 
 AttentionMask = Literal["causal", "block_causal"]
@@ -96,47 +92,6 @@ def count_parameters(args: ModelArgs, *, include_embedding: bool = True, active_
     return total
 
 
-class Attention(nn.Module):
-    """Grouped-query causal attention with RMSNorm over each query and key head.
-
-    Heads are recovered with ``view(batch, seq, -1, head_dim)``, so a tensor-parallel
-    plan that shards ``wq``/``wk``/``wv`` column-wise works on each rank's heads.
-    """
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
-        self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
-        self.sdpa = ScaledDotProductAttention(scale=args.head_dim**-0.5)
-
-    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-        q = self.q_norm(self.wq(x).view(batch, seq_len, -1, self.head_dim))
-        k = self.k_norm(self.wk(x).view(batch, seq_len, -1, self.head_dim))
-        v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
-        q, k = apply_rope(q, rope_cache), apply_rope(k, rope_cache)
-
-        queries_per_kv = q.shape[2] // k.shape[2]
-        if queries_per_kv > 1:
-            k = k.repeat_interleave(queries_per_kv, dim=2)
-            v = v.repeat_interleave(queries_per_kv, dim=2)
-
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
-
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            trunc_normal_(linear.weight, std=std)
-        trunc_normal_(self.wo.weight, std=out_std)
-        self.q_norm.reset_parameters()
-        self.k_norm.reset_parameters()
-
-
 class TransformerBlock(PreNormBlock):
     """Pre-norm block; its second half is ``feed_forward`` (dense) or ``moe``."""
 
@@ -145,7 +100,8 @@ class TransformerBlock(PreNormBlock):
             layer_id=layer_id,
             dim=args.dim,
             norm_eps=args.norm_eps,
-            attention=Attention(args),
+            attention=Attention(dim=args.dim, n_heads=args.n_heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                qk_norm_eps=args.norm_eps),
             feed_forward=FeedForward(dim=args.dim, hidden_dim=args.ffn_dim) if args.moe is None else None,
             moe=MoE(dim=args.dim, args=args.moe) if args.moe is not None else None,
         )
@@ -155,31 +111,12 @@ class Transformer(DecoderStack):
     """The Qwen3 decoder (``plait.nn.DecoderStack``), dense or MoE."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
+        super().__init__(
+            vocab_size=args.vocab_size, dim=args.dim, norm_eps=args.norm_eps,
+            blocks=[TransformerBlock(i, args) for i in range(args.n_layers)],
+            rope_shape=(args.max_seq_len, 2 * args.head_dim), tie_word_embeddings=args.tie_word_embeddings,
+        )  # fmt: skip
         self.args = args
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer(
-            "rope_cache", torch.empty(args.max_seq_len, 2 * args.head_dim, dtype=torch.float32), persistent=False
-        )
-        self.tie_word_embeddings = args.tie_word_embeddings
-        self.tie_weights()
 
-    def init_weights(self) -> None:
-        """Initialize every parameter and buffer from the global torch RNG (call under no_grad)."""
-        args = self.args
-        table = rope_cache(args.head_dim, args.max_seq_len, theta=args.rope_theta, device=self.rope_cache.device)
-        self.rope_cache.copy_(table)
-        head_std = self.args.dim**-0.5
-        if self.tok_embeddings is not None:
-            # A tied matrix also serves as the LM head, so it takes the head's scale.
-            embedding_std = head_std if self.args.tie_word_embeddings else 1.0
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=embedding_std)
-        for layer in self.layers.values():
-            layer.init_weights()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and self.output.weight is not getattr(self.tok_embeddings, "weight", None):
-            trunc_normal_(self.output.weight, std=head_std)
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        return rope_cache(self.args.head_dim, self.args.max_seq_len, theta=self.args.rope_theta, device=device)

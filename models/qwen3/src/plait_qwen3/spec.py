@@ -1,8 +1,9 @@
-"""The qwen3 ``ModelSpec``: flavors, FLOPs, tensor-parallel plan, pipeline split points,
-expert modules."""
+"""The qwen3 ``ModelSpec`` (``plait.decoder_spec``): flavors and what differs from the
+shared decoder (per-head q/k norms made tensor-parallel by ``plait_qwen3.tensor_parallel``)."""
 from __future__ import annotations
 
-from plait.model_spec import ModelSpec, TPPlan, even_split_points
+from plait.decoder_spec import decoder_spec
+from plait.model_spec import ModelSpec
 from plait.nn import MoEArgs
 from plait_qwen3.hf_adapter import Qwen3HFAdapter
 from plait_qwen3.model import ModelArgs, Transformer, count_parameters
@@ -44,60 +45,32 @@ FLAVORS: dict[str, ModelArgs] = {
     "235B-A22B": _moe(4096, 94, 64, 12288, 1536),
 }  # fmt: skip
 
-#: Dense blocks follow the Llama layout; the per-head q/k norms stay replicated with
-#: gradients summed over the tp ranks (see ``plait_qwen3.tensor_parallel``). MoE blocks
-#: split every expert's hidden features over the tp ranks (the tp plugin's "moe" style).
-TP_PLAN = TPPlan(
-    styles={
-        "tok_embeddings": "embedding",
-        "norm": "sequence_parallel",
-        "output": "output",
-        "layers.*.attention_norm": "sequence_parallel",
-        "layers.*.attention": "prepare_input",
-        "layers.*.attention.wq": "colwise",
-        "layers.*.attention.wk": "colwise",
-        "layers.*.attention.wv": "colwise",
-        "layers.*.attention.wo": "rowwise",
-        "layers.*.ffn_norm": "sequence_parallel",
-        "layers.*.feed_forward": "prepare_input",
-        "layers.*.feed_forward.w1": "colwise",
-        "layers.*.feed_forward.w3": "colwise",
-        "layers.*.feed_forward.w2": "rowwise",
-        "layers.*.moe": "moe",
-    },
-    divisible_by_tp=("n_heads", "kv_heads", "ffn_dim", "moe.hidden_dim"),
-)
 
+def _parallelize_head_norms(model, tp_mesh) -> None:  # noqa: ANN001 - TPPlan.extra's signature
+    """The per-head q/k norms stay replicated with gradients summed over the tp ranks."""
+    from plait_qwen3.tensor_parallel import parallelize_head_norms
 
-def build_model(args: ModelArgs) -> Transformer:
-    return Transformer(args)
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Forward+backward FLOPs per token: 6 per weight a token uses (for MoE the active
-    experts only; LM head included, embedding not) plus causal attention scores."""
-    weights = count_parameters(args, include_embedding=False, active_only=True)
-    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
-    return float(6 * weights + attention)
-
-
-def pipeline_split_points(args: ModelArgs, num_stages: int) -> list[str]:
-    return even_split_points("qwen3", args.n_layers, num_stages, tied_embeddings=args.tie_word_embeddings)
+    parallelize_head_norms(model, tp_mesh)
 
 
 def qwen3_spec() -> ModelSpec:
-    return ModelSpec(
-        name="qwen3",
+    """Dense blocks follow the Llama layout; MoE blocks split every expert's hidden
+    features over the tp ranks (the tp plugin's "moe" style)."""
+    return decoder_spec(
+        "qwen3",
         flavors=FLAVORS,
-        build=build_model,
-        flops_per_token=flops_per_token,
-        block_container="layers",
-        seq_len_arg="max_seq_len",
-        tp_plan=TP_PLAN,
-        pipeline_split_points=pipeline_split_points,
-        cp_attention="sdpa",
-        cp_attention_modules=("layers.*.attention.sdpa",),
-        cp_sequence_buffers={"rope_cache": 0},
-        expert_modules=("layers.*.moe.experts",),
+        build=Transformer,
+        count_parameters=count_parameters,
+        attention_dims=lambda args: (args.n_heads, args.head_dim, args.head_dim),
+        attention_tp={"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"},
+        divisible_by_tp=("n_heads", "kv_heads", "ffn_dim", "moe.hidden_dim"),
+        moe=True,
+        tp_extra=_parallelize_head_norms,
         hf_adapter=Qwen3HFAdapter(),
     )
+
+
+_SPEC = qwen3_spec()
+TP_PLAN = _SPEC.tp_plan
+flops_per_token = _SPEC.flops_per_token
+pipeline_split_points = _SPEC.pipeline_split_points

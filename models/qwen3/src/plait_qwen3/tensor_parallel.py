@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 
-from plait_qwen3.model import Attention
+from plait.nn import Attention
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -40,7 +40,7 @@ def _local(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> Any:
 
 def parallelize_head_norms(model: nn.Module, tp_mesh: DeviceMesh) -> int:
     """Prepare every ``q_norm``/``k_norm`` of ``model`` for head-sharded inputs; returns how many."""
-    attentions = [module for module in model.modules() if isinstance(module, Attention)]
+    attentions = [m for m in model.modules() if isinstance(m, Attention) and m.q_norm is not None]
     norms = [norm for attention in attentions for norm in (attention.q_norm, attention.k_norm)]
     for norm in norms:
         distribute_module(norm, tp_mesh, _replicate_parameters, _heads_sharded, _local)

@@ -147,6 +147,8 @@ def plait_apply_tensor_parallel(
             expert_parallel=parallel_dims.ep_enabled,
         ),
     )
+    if model_spec.tp_plan.extra is not None:
+        model_spec.tp_plan.extra(model, tp_mesh)
     if options.async_tp:
         _enable_async_tp()
     logger.info(
