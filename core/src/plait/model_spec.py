@@ -181,3 +181,24 @@ def even_split_points(model: str, n_layers: int, num_stages: int, *, container: 
         start += base + (1 if stage < extra else 0)
         points.append(f"{container}.{start}")
     return points
+
+
+def module_path_matches(pattern: str, path: str) -> bool:
+    """Whether a spec pattern names the dotted module path ``path``: the same number of
+    components, each matched as a shell pattern (``*`` = any one component)."""
+    from fnmatch import fnmatchcase
+
+    pattern_parts, path_parts = pattern.split("."), path.split(".")
+    return len(pattern_parts) == len(path_parts) and all(
+        fnmatchcase(part, wanted) for part, wanted in zip(path_parts, pattern_parts)
+    )
+
+
+def dotted_attribute(args: Any, dotted_name: str) -> Any:
+    """``args.moe.hidden_dim`` for ``"moe.hidden_dim"``; None where a part is None (a dense flavor)."""
+    value = args
+    for part in dotted_name.split("."):
+        if value is None:
+            return None
+        value = getattr(value, part)
+    return value

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plait.model_spec import dotted_attribute, module_path_matches
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -153,20 +155,7 @@ def check_plugins(*plugins: object, config: Any, parallel_dims: Any, model_spec:
 # --------------------------------------------------------------------------- model conformance
 
 
-def pattern_matches(pattern: str, path: str) -> bool:
-    """Whether a spec pattern (``*`` = one path component) names the module path ``path``."""
-    import re
-
-    return re.fullmatch(re.escape(pattern).replace(r"\*", r"[^.]+"), path) is not None
-
-
-def _attribute(args: Any, dotted: str) -> Any:
-    value = args
-    for part in dotted.split("."):
-        if value is None:
-            return None
-        value = getattr(value, part)
-    return value
+pattern_matches = module_path_matches
 
 
 def materialize(spec: Any, args: Any, *, seed: int = 0, poison: bool = False) -> Any:
@@ -427,7 +416,7 @@ def model_conformance(
                     assert any(pattern_matches(pattern, path) for path in paths), f"TP: {pattern} matches no module"
                 for name in names:
                     for attribute in spec.tp_plan.divisible_by_tp:
-                        value = _attribute(tiny[name], attribute)
+                        value = dotted_attribute(tiny[name], attribute)
                         assert value is None or (isinstance(value, int) and value > 0), (name, attribute, value)
             for pattern in (*spec.cp_attention_modules, *spec.expert_modules):
                 assert any(pattern_matches(pattern, path) for path in paths), f"{pattern} matches no module"

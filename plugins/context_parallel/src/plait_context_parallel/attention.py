@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterable, Iterator
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from plait.model_spec import module_path_matches
 from torch import nn
 
 from plait_context_parallel.load_balance import SequenceShard, head_tail_order
@@ -32,12 +32,7 @@ if TYPE_CHECKING:
 QKV_SEQ_DIM = 2
 
 
-def pattern_matches(pattern: str, path: str) -> bool:
-    """``*`` matches exactly one component of a dotted module path."""
-    pattern_parts, path_parts = pattern.split("."), path.split(".")
-    return len(pattern_parts) == len(path_parts) and all(
-        fnmatchcase(part, wanted) for part, wanted in zip(path_parts, pattern_parts)
-    )
+pattern_matches = module_path_matches
 
 
 def attention_module_paths(model: nn.Module, patterns: Iterable[str]) -> list[str]:

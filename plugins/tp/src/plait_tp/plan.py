@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from plait.errors import ConfigError
-from plait.model_spec import TPStyle
+from plait.model_spec import TPStyle, module_path_matches
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
@@ -117,11 +116,7 @@ class SumInputGradient(ParallelStyle):
         return module
 
 
-def pattern_matches(pattern: str, path: str) -> bool:
-    pattern_parts, path_parts = pattern.split("."), path.split(".")
-    return len(pattern_parts) == len(path_parts) and all(
-        fnmatchcase(part, wanted) for part, wanted in zip(path_parts, pattern_parts)
-    )
+pattern_matches = module_path_matches
 
 
 def resolve_plan(module_paths: Iterable[str], styles: Mapping[str, TPStyle]) -> dict[str, TPStyle]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, get_args
 
 from plait import hookimpl
 from plait.errors import ConfigError
-from plait.model_spec import TPStyle
+from plait.model_spec import TPStyle, dotted_attribute
 from plait.train_state import RunNeeds
 
 if TYPE_CHECKING:
@@ -53,20 +53,10 @@ def _valid_degrees(values: dict[str, int]) -> list[int]:
     return [d for d in range(1, max(values.values()) + 1) if all(v % d == 0 for v in values.values())]
 
 
-def _attribute(args: Any, dotted_name: str) -> Any:
-    """``args.moe.hidden_dim`` for ``"moe.hidden_dim"``; None where a part is None (a dense flavor)."""
-    value = args
-    for part in dotted_name.split("."):
-        if value is None:
-            return None
-        value = getattr(value, part)
-    return value
-
-
 def check_divisibility(tp: int, model_spec: ModelSpec, args: Any, flavor: str) -> None:
     plan = model_spec.tp_plan
     assert plan is not None
-    values = {name: int(value) for name in plan.divisible_by_tp if (value := _attribute(args, name)) is not None}
+    values = {name: int(value) for name in plan.divisible_by_tp if (value := dotted_attribute(args, name)) is not None}
     for name, value in values.items():
         if value % tp:
             valid = ", ".join(str(d) for d in _valid_degrees(values))
