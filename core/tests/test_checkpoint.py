@@ -297,25 +297,49 @@ def test_resume_picks_latest_or_load_step_and_rejects_unknown_step(tmp_path):
     assert latest.manager(tmp_path).load() == 4
     assert_equal_tensors(latest.weights(), snapshots[4])
     chosen = make_run(seed=1)
-    chosen_manager = chosen.manager(tmp_path, load_step=2, interval=2)
-    assert chosen_manager.load() == 2
-    assert_equal_tensors(chosen.weights(), snapshots[2])
-    assert chosen.train_state.step == 2
+    assert chosen.manager(tmp_path, load_step=4).load() == 4
+    assert chosen.train_state.step == 4
     with pytest.raises(ConfigError, match=r"load_step 3: .*available steps: 2, 4"):
         make_run(seed=1).manager(tmp_path, load_step=3).load()
     assert make_run(seed=1).manager(tmp_path / "empty").load() == 0
 
-    # Going on differently from step 2 replaces the step 4 of the abandoned continuation.
-    chosen_manager.save(2)  # just loaded: nothing to do
-    assert visible(tmp_path / "checkpoint") == ["step-2", "step-4"]
+
+def test_an_older_load_step_refuses_newer_checkpoints_or_moves_them_aside(tmp_path):
+    run = make_run(seed=0)
+    manager = run.manager(tmp_path, interval=2)
+    snapshots = {}
+    for step in range(1, 5):
+        run.train(1)
+        manager.save(step)
+        snapshots[step] = run.weights()
+    folder = tmp_path / "checkpoint"
+
+    untouched = make_run(seed=1)
+    before = untouched.weights()
+    with pytest.raises(ConfigError, match=r"load_step 2: .* newer checkpoints \(steps 4\).*move_aside"):
+        untouched.manager(tmp_path, load_step=2).load()
+    assert_equal_tensors(untouched.weights(), before)
+    assert visible(folder) == ["step-2", "step-4"]
+
+    # Going on differently from step 2: step 4 of the abandoned history is kept aside.
+    chosen = make_run(seed=1)
+    chosen_manager = chosen.manager(tmp_path, load_step=2, interval=2, newer_checkpoints="move_aside")
+    assert chosen_manager.load() == 2
+    assert_equal_tensors(chosen.weights(), snapshots[2])
+    assert list_checkpoints(str(folder)) == [2]
+    (aside,) = (folder / "superseded").iterdir()
+    assert list_checkpoints(str(aside)) == [4]
     torch.manual_seed(99)
     chosen.train(2)
     chosen_manager.save(4)
-    assert list_checkpoints(str(tmp_path / "checkpoint")) == [2, 4]
     latest = make_run(seed=1)
     assert latest.manager(tmp_path).load() == 4
     assert_equal_tensors(latest.weights(), chosen.weights())
     assert not torch.equal(latest.weights()["layers.0.weight"], snapshots[4]["layers.0.weight"])
+    # The set-aside checkpoint is still a loadable checkpoint of the old history.
+    old = make_run(seed=1).parts[0].state_dict()
+    load_model_state(str(aside / "step-4"), old)
+    assert_equal_tensors(old, snapshots[4])
 
 
 def test_checkpoint_of_another_model_is_reported(tmp_path):
@@ -380,7 +404,7 @@ def test_damaged_latest_checkpoint_is_reported_and_previous_still_loads(tmp_path
     assert "--checkpoint.load_step 2" in message and f"delete {newest}" in message
 
     previous = make_run(seed=1)
-    assert previous.manager(tmp_path, load_step=2).load() == 2
+    assert previous.manager(tmp_path, load_step=2, newer_checkpoints="move_aside").load() == 2
     assert_equal_tensors(previous.weights(), at_step_2)
     assert previous.train_state.step == 2
 

@@ -269,6 +269,10 @@ class CheckpointSection:
     """async writes checkpoints in the background while training continues."""
     load_step: int = -1
     """Resume from this step; -1 = the latest complete checkpoint."""
+    newer_checkpoints: Literal["refuse", "move_aside"] = "refuse"
+    """What --checkpoint.load_step does when the folder holds checkpoints newer than that
+    step (training on from it would mix two histories): refuse, or move_aside (they move
+    to <folder>/superseded/<time>/, kept but never resumed from)."""
     verify: bool = True
     """Check every tensor read when resuming against the checksum recorded when it was
     saved (a damaged file then stops the run, naming the checkpoint to fall back to);

@@ -118,28 +118,17 @@ class Trainer:
         self.device = self._init_distributed()
         self._seed()
 
-        from plait.data import build_dataloader, build_tokenizer
-
         pd = self.parallel_dims
         training = config.training
-        self.tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token,
-                                         eos_token=config.data.eos_token)
-        self.dataloader = build_dataloader(
-            config.data,
-            self.tokenizer,
-            seq_len=training.seq_len,
-            local_batch_size=training.local_batch_size,
-            dp_rank=pd.dp_rank(),
-            dp_world_size=pd.dp_degree,
-        )
+        self.grad_accumulation_steps = job.grad_accumulation_steps
+        self.model_args = job.model_args
+        self.tokenizer, self.dataloader = self._build_data()
         self.validator = None
         if config.validation.interval:
             from plait.validation import Validator
 
             self.validator = Validator(config, self.tokenizer, dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree,
-                                       device=self.device)
-        self.grad_accumulation_steps = job.grad_accumulation_steps
-        self.model_args = job.model_args
+                                       device=self.device, pipeline=spec.data_pipeline, model_args=self.model_args)
         self._check_vocab()
         self.model_parts, self.pipeline = self._build_model()
         self.loss_fn = spec.loss_fn or token_cross_entropy
@@ -185,7 +174,7 @@ class Trainer:
             config.metrics,
             dump_folder=config.job.dump_folder,
             total_steps=training.steps,
-            flops_per_token=spec.flops_per_token(self.model_args, training.seq_len),
+            flops_per_token=spec.flops_per_token(self.model_args, job.tokens_per_sample),
             peak_flops=self.device_info.peak_flops,
             device_type=self.device.type,
             is_logging_rank=self.rank == 0,
@@ -225,9 +214,28 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
 
+    def _build_data(self) -> tuple[Any, Any]:
+        """The tokenizer and the token loader, or (None, the model's own data pipeline)."""
+        config, pd = self.config, self.parallel_dims
+        if self.spec.data_pipeline is not None:
+            from plait.data.batch import DataRequest
+
+            return None, self.spec.data_pipeline(DataRequest(
+                config=config, model_args=self.model_args, local_batch_size=config.training.local_batch_size,
+                dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree,
+            ))
+        from plait.data import build_dataloader, build_tokenizer
+
+        tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token,
+                                    eos_token=config.data.eos_token)
+        loader = build_dataloader(config.data, tokenizer, seq_len=config.training.seq_len,
+                                  local_batch_size=config.training.local_batch_size,
+                                  dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree)
+        return tokenizer, loader
+
     def _check_vocab(self) -> None:
         model_vocab = getattr(self.model_args, "vocab_size", None)
-        if model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
+        if self.tokenizer is not None and model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
             raise ConfigError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model "
                 f"{self.spec.name}/{self.config.model.flavor} has a vocabulary of {model_vocab}: "
@@ -307,7 +315,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------- loop
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
         iterator = iter(self.dataloader)
         while True:
             with self.step_times.waiting_for_data():
@@ -341,6 +349,11 @@ class Trainer:
         result = TrainResult(last_step=self.resumed_from)
         if self.resumed_from:
             logger.info("resumed from step %d", self.resumed_from)
+        if self.resumed_from >= total_steps:
+            logger.warning(
+                "the checkpoint of step %d is at or past --training.steps %d: nothing to train. "
+                "Raise --training.steps to train on.", self.resumed_from, total_steps,
+            )
         tokens_per_step = self.job.tokens_per_step // pd.dp_degree  # on this rank
         batches = self.batches()
         profiler = StepProfiler(config.profiling, dump_folder=config.job.dump_folder, rank=self.rank,
@@ -368,7 +381,7 @@ class Trainer:
                     extra=ctx.results.get("metrics"),
                     details={**ctx.results.get("metric_details", {}), **self.step_times.as_metrics(),
                              **{f"data/share/{os.path.basename(label.rstrip('/')) or label}": share
-                                for label, share in self.dataloader.source_shares().items()}},
+                                for label, share in self._source_shares().items()}},
                 )
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
@@ -389,14 +402,15 @@ class Trainer:
         result.summary = self.metrics.summary()
         return result
 
+    def _source_shares(self) -> dict[str, float]:
+        """A data mixture's realized shares; a model's own pipeline may report none."""
+        shares = getattr(self.dataloader, "source_shares", None)
+        return shares() if shares is not None else {}
+
     def _validate(self, step: int) -> float:
         assert self.validator is not None
         outcome = self.validator.run(step, lambda: self._step_context(step, batches=None), self._global_mean)
-        self.metrics.record_scalars(
-            step, outcome.metrics(),
-            console=f"step {step}  validation loss {outcome.loss:.4f}  perplexity {outcome.perplexity:,.2f}  "
-                    f"({outcome.seconds:.2f} s)",
-        )
+        self.metrics.record_scalars(step, outcome.metrics(), console=outcome.console())
         if self.rank == 0:
             self.hook.plait_log_metrics(step=step, metrics=outcome.metrics(), config=self.config)
         return outcome.loss

@@ -19,10 +19,12 @@ import logging
 import os
 import re
 import shutil
+import time
 
 logger = logging.getLogger(__name__)
 
 _COMPLETE = re.compile(r"step-(\d+)")
+SUPERSEDED = "superseded"
 _LEFTOVER = re.compile(r"step-\d+\.(partial|deleting)")
 
 
@@ -52,6 +54,22 @@ def list_checkpoints(folder: str) -> list[int]:
         if match and entry.is_dir(follow_symlinks=False):
             steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+def move_aside(root: str, steps: list[int]) -> str:
+    """Move the checkpoints of ``steps`` into ``<root>/superseded/<UTC time>/`` (kept, but
+    no longer a checkpoint of this folder); returns that folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = os.path.join(root, SUPERSEDED, stamp)
+    suffix = 1
+    while os.path.lexists(target):
+        suffix += 1
+        target = os.path.join(root, SUPERSEDED, f"{stamp}-{suffix}")
+    os.makedirs(target)
+    for step in steps:
+        os.rename(step_dir(root, step), step_dir(target, step))
+    _sync_folder(root)
+    return target
 
 
 def remove_leftovers(root: str) -> None:

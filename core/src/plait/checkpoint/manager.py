@@ -143,12 +143,33 @@ class CheckpointManager:
             )
         if requested < 0 and not available:
             return 0
+        if requested >= 0:
+            self._set_aside_newer(requested, [step for step in available if step > requested])
         step = requested if requested >= 0 else available[-1]
         started = time.monotonic()
         self._load(layout.step_dir(self.folder, step))
         self._last_step = step
         logger.info("Resumed from checkpoint step %d in %.1f s", step, time.monotonic() - started)
         return step
+
+    def _set_aside_newer(self, requested: int, newer: list[int]) -> None:
+        """Training on from an older step while newer checkpoints stay would leave two
+        histories in one folder, and the next plain resume would pick the wrong one."""
+        if not newer:
+            return
+        listed = ", ".join(map(str, newer))
+        if self.config.newer_checkpoints == "refuse":
+            raise ConfigError(
+                f"--checkpoint.load_step {requested}: {self.folder} also holds newer checkpoints "
+                f"(steps {listed}); training on from step {requested} would mix two histories in "
+                f"one folder. Add --checkpoint.newer_checkpoints move_aside to move them to "
+                f"{os.path.join(self.folder, layout.SUPERSEDED)}/ (kept, never resumed from), "
+                f"or leave out --checkpoint.load_step to resume from step {newer[-1]}."
+            )
+        if self._rank == 0:
+            target = layout.move_aside(self.folder, newer)
+            logger.warning("Moved the checkpoints of steps %s, newer than step %d, to %s", listed, requested, target)
+        self._barrier()
 
     def _load(self, checkpoint_dir: str) -> None:
         reader = SafeFileSystemReader(checkpoint_dir, verify=self.config.verify)

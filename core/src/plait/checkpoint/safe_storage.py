@@ -226,7 +226,8 @@ def damaged(checkpoint_dir: str, problem: str) -> CheckpointError:
         advice = "Use another checkpoint, or save this one again."
     elif earlier:
         advice = (
-            f"Resume from the previous checkpoint with --checkpoint.load_step {earlier[-1]}, "
+            f"Resume from the previous checkpoint with --checkpoint.load_step {earlier[-1]} "
+            f"--checkpoint.newer_checkpoints move_aside (this one is kept under superseded/), "
             f"or delete {checkpoint_dir} to resume from the latest remaining one."
         )
     else:
