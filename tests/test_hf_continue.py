@@ -95,6 +95,21 @@ def test_model_args_from_the_command_line_and_a_saved_config_round_trip(tmp_path
     assert sorted(p.name for p in (tmp_path / "a" / "configs").iterdir()) == ["attempt-1.json"]
 
 
+def test_print_config_prints_what_the_run_would_save_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    saved = tmp_path / "a" / "config.json"
+    argv = ["--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny", "--model.args.n_layers", "3",
+            "--training.steps", "1", "--training.seq_len", "32", "--training.local_batch_size", "2",
+            "--metrics.progress", "off", "--job.dump_folder", str(tmp_path / "a")]
+    assert main(["train", *argv, "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "a").exists()
+    train(argv)
+    assert printed == json.loads(saved.read_text())
+    capsys.readouterr()  # the run's log
+    assert main(["train", "--config", str(saved), "--training.steps", "5", "--print_config", "True"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**printed, "training": {**printed["training"], "steps": 5}}
+
+
 def test_resuming_another_model_shape_is_refused(tmp_path: Path, capsys) -> None:
     common = ["--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny", "--training.seq_len", "32",
               "--training.local_batch_size", "2", "--metrics.progress", "off", "--job.dump_folder", str(tmp_path)]

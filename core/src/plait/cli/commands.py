@@ -11,7 +11,7 @@ from typing import Any
 
 from plait.cli.config_parsing import resolve_train_config, select_plugins
 from plait.cli.installed import installed_summary
-from plait.cli.options import ConvertOptions, PlanOptions, Selection, parse, wants_help
+from plait.cli.options import ConvertOptions, PlanOptions, Selection, TrainOptions, parse, wants_help, with_flag_values
 from plait.errors import ConfigError
 
 
@@ -43,19 +43,24 @@ def check_writable_folder(path: str, option: str) -> None:
         raise ConfigError(f"{option} {path} is not a folder plait can write: {describe_os_error(error)}") from None
 
 
+def resolved_config_text(config, manager, model_args: Any = None) -> str:
+    """The run's config as JSON: enabled plugins, every section, and the resolved model args."""
+    from plait.model_args import args_to_dict
+
+    document = {"plugins": [n for n in manager.enabled], **config.to_dict()}
+    if model_args is not None and dataclasses.is_dataclass(model_args):
+        document["model_args"] = args_to_dict(model_args)
+    return json.dumps(document, indent=2, sort_keys=False, default=str)
+
+
 def write_resolved_config(config, manager, model_args: Any = None) -> str:
     """The run's config as ``<dump_folder>/config.json`` (``--config`` loads it back), and
     a copy per attempt in ``<dump_folder>/configs/attempt-N.json``, which later attempts
     never overwrite. ``model_args``: the resolved model args, recorded for reading (and
     for ``plait convert``)."""
-    from plait.model_args import args_to_dict
-
     attempts = os.path.join(config.job.dump_folder, "configs")
     os.makedirs(attempts, exist_ok=True)
-    document = {"plugins": [n for n in manager.enabled], **config.to_dict()}
-    if model_args is not None and dataclasses.is_dataclass(model_args):
-        document["model_args"] = args_to_dict(model_args)
-    text = json.dumps(document, indent=2, sort_keys=False, default=str)
+    text = resolved_config_text(config, manager, model_args)
     number = 1 + max((int(name[8:-5]) for name in os.listdir(attempts)
                       if name.startswith("attempt-") and name[8:-5].isdigit()), default=0)
     for path in (os.path.join(attempts, f"attempt-{number}.json"), os.path.join(config.job.dump_folder, "config.json")):
@@ -80,16 +85,21 @@ def setup_logging(rank: int) -> None:
 
 def train_command(argv: list[str]) -> int:
     result = train(argv)
-    if result.stopped_by_signal:
+    if result is not None and result.stopped_by_signal:
         logger.info("stopped at step %d on a signal; checkpoint saved, resume with the same command",
                     result.last_step)
     return 0
 
 
 def train(argv: list[str]):
-    """`plait train ARGV` in this process; returns the ``TrainResult`` (losses by step)."""
-    job = resolve_train_config(argv)
+    """`plait train ARGV` in this process; returns the ``TrainResult`` (losses by step),
+    or None with --print-config."""
+    options, rest = parse(TrainOptions, with_flag_values(argv, ("--print_config",)), prog="plait train", partial=True)
+    job = resolve_train_config(rest, options=options)
     config, manager = job.config, job.plugins
+    if options.print_config:
+        print(resolved_config_text(config, manager, job.declared_model_args))
+        return None
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     run_lock = None

@@ -34,6 +34,15 @@ class Selection:
 
 
 @dataclasses.dataclass(kw_only=True)
+class TrainOptions:
+    """Options of `plait train` (besides the run's config)."""
+
+    print_config: bool = False
+    """Print the resolved config (what the run folder's config.json would hold, which
+    --config loads back) and exit without training (--print-config works too)."""
+
+
+@dataclasses.dataclass(kw_only=True)
 class PlanOptions:
     """Options of `plait plan` (besides those of `plait train`)."""
 
@@ -57,6 +66,19 @@ class ConvertOptions:
     """Model flavor (default: from the run's config.json)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the written floating-point weights (the checkpoint stores float32)."""
+
+
+def with_flag_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """Lets the boolean ``flags`` (e.g. ``--print_config``) stand alone, as a switch: every
+    other boolean option takes a value (--checkpoint.enable False), so these get True."""
+    result: list[str] = []
+    for index, token in enumerate(argv):
+        result.append(token)
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if token.replace("-", "_").lstrip("_") in {f.lstrip("-") for f in flags} and \
+                following.lower() not in ("true", "false"):
+            result.append("True")
+    return result
 
 
 def parse(cls: type, argv: list[str], *, prog: str, description: str | None = None,
