@@ -37,7 +37,7 @@ AttentionDims = Callable[[Any], "tuple[int, int, int]"]
 
 def decoder_tp_plan(
     *, attention: Mapping[str, TPStyle], divisible_by_tp: tuple[str, ...], moe: bool = False,
-    extra: Callable[..., Any] | None = None,
+    extra: Callable[..., Any] | None = None, extra_covers: tuple[str, ...] = (),
 ) -> TPPlan:  # fmt: skip
     """The TP plan of a ``DecoderStack``: ``attention`` maps the attention's own modules
     (relative to ``layers.*.attention``) to styles; the rest is the same for every such
@@ -58,7 +58,7 @@ def decoder_tp_plan(
     }
     if moe:
         styles["layers.*.moe"] = "moe"
-    return TPPlan(styles=styles, divisible_by_tp=divisible_by_tp, extra=extra)
+    return TPPlan(styles=styles, divisible_by_tp=divisible_by_tp, extra=extra, extra_covers=extra_covers)
 
 
 def decoder_flops(count_parameters: Callable[..., int], attention_dims: AttentionDims) -> Callable[[Any, int], float]:
@@ -98,6 +98,7 @@ def decoder_spec(
     divisible_by_tp: tuple[str, ...],
     moe: bool = False,
     tp_extra: Callable[..., Any] | None = None,
+    tp_extra_covers: tuple[str, ...] = (),
     context_parallel: bool = True,
     **fields: Any,
 ) -> ModelSpec:
@@ -105,7 +106,7 @@ def decoder_spec(
 
     ``count_parameters(args, *, include_embedding, active_only)`` counts from the args;
     ``attention_dims(args)`` gives (heads, qk head width, v head width) for the FLOPs;
-    ``attention_tp`` / ``divisible_by_tp`` / ``tp_extra`` complete the TP plan
+    ``attention_tp`` / ``divisible_by_tp`` / ``tp_extra`` / ``tp_extra_covers`` complete the TP plan
     (``decoder_tp_plan``); ``moe`` adds the MoE layer's TP style and expert modules;
     ``context_parallel=False`` declares that the attention cannot run context-parallel.
     ``fields`` are further ``ModelSpec`` fields (``hf_adapter``, ``loss_fn``, ...).
@@ -117,7 +118,8 @@ def decoder_spec(
         flops_per_token=decoder_flops(count_parameters, attention_dims),
         block_container="layers",
         seq_len_arg="max_seq_len",
-        tp_plan=decoder_tp_plan(attention=attention_tp, divisible_by_tp=divisible_by_tp, moe=moe, extra=tp_extra),
+        tp_plan=decoder_tp_plan(attention=attention_tp, divisible_by_tp=divisible_by_tp, moe=moe, extra=tp_extra,
+                                extra_covers=tp_extra_covers),
         pipeline_split_points=decoder_split_points(name),
     )
     if context_parallel:

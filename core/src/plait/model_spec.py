@@ -62,12 +62,18 @@ class TPPlan:
 
     ``extra(model, tp_mesh)``, if set, runs after the styles are applied, for what no
     style covers (qwen3's per-head q/k norms): the model acts through its own spec, and
-    no plugin asks for it by name.
+    no plugin asks for it by name. ``extra_covers`` names the modules (patterns) whose
+    parameters ``extra`` distributes.
+
+    Every parameter of the model must be covered (by its module's style, a ``moe`` style
+    on a module above it, or ``extra_covers``); a parameter every rank keeps whole is
+    covered with the ``replicate`` style. The tp plugin checks this before any work.
     """
 
     styles: Mapping[str, TPStyle]
     divisible_by_tp: tuple[str, ...] = ()
     extra: Callable[[nn.Module, DeviceMesh], Any] | None = None
+    extra_covers: tuple[str, ...] = ()
 
 
 @dataclass(kw_only=True)
@@ -97,15 +103,38 @@ class ModelSpec:
     #: table; context parallelism gives each rank the rows of its own positions (and
     #: rebuilds a flex ``BlockMask`` attribute named here for them)
     cp_sequence_buffers: Mapping[str, int] = field(default_factory=dict)
+    #: parameters indexed by sequence position (patterns of parameter paths, e.g. a learned
+    #: position table ``"pos_embedding.weight"``): plugins that shard activations along the
+    #: sequence (tp's sequence parallelism, context parallelism) refuse such a model
+    sequence_indexed_parameters: tuple[str, ...] = ()
     #: module paths (patterns) that are MoE expert groups, for the ep plugin
     expert_modules: tuple[str, ...] = ()
     hf_adapter: HFAdapter | None = None
-    #: loss(logits, labels) -> scalar mean loss; None means token cross-entropy
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    #: for non-LM models (flux): builds the data pipeline instead of the token loader
-    data_pipeline: Callable[..., Any] | None = None
+    #: loss(outputs, labels) -> scalar mean loss; None means token cross-entropy
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    #: a model's own data pipeline, built instead of the token loader (``DataRequest`` ->
+    #: ``DataPipeline``, ``plait.data.batch``): it yields ``(TensorBatch, labels)`` and the
+    #: model is called as ``model(**inputs)``. Plugins that shard token sequences (context
+    #: parallelism, pipeline stages) refuse such a model (``token_inputs``).
+    data_pipeline: Callable[[Any], Any] | None = None
+    #: with a ``data_pipeline``: positions the model processes per sample for a run
+    #: (``(config, model_args) -> int``), the "tokens" of throughput and of
+    #: ``flops_per_token``; a token model's is ``--training.seq_len``
+    tokens_per_sample: Callable[[Any, Any], int] | None = None
     #: plugin that registered the spec; filled in by the plugin manager
     provided_by: str = field(default="", compare=False)
+
+    @property
+    def token_inputs(self) -> bool:
+        """Whether the model trains on token sequences ``[batch, seq]`` from the core's
+        loader (a language model), rather than on its own pipeline's named inputs."""
+        return self.data_pipeline is None
+
+    def sample_tokens(self, config: Any, args: Any) -> int:
+        """Positions processed per sample in a run: ``tokens_per_sample`` or the sequence length."""
+        if self.data_pipeline is not None and self.tokens_per_sample is not None:
+            return int(self.tokens_per_sample(config, args))
+        return config.training.seq_len
 
     def args_for(self, flavor: str) -> Any:
         from plait.errors import ConfigError

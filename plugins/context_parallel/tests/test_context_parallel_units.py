@@ -12,6 +12,7 @@ from torch import nn
 from plait.config import JobConfig
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
+from plait.capabilities import simulated_device
 from plait.testing import check_plugins
 from plait_context_parallel import cpu_ring_attention, plugin
 from plait_context_parallel.attention import attention_module_paths, local_block_mask, pattern_matches
@@ -130,9 +131,10 @@ def _config(seq_len: int = 64, rotate_method: str = "allgather") -> JobConfig:
     return config
 
 
-def _validate(config: JobConfig, *, cp: int = 2, tp: int = 1, spec=None) -> None:
+def _validate(config: JobConfig, *, cp: int = 2, tp: int = 1, spec=None, device: str = "cpu") -> None:
     dims = ParallelDims(cp=cp, tp=tp, dp_shard=1, world_size=cp * tp)
-    check_plugins(plugin, config=config, parallel_dims=dims, model_spec=spec or llama3_spec())
+    check_plugins(plugin, config=config, parallel_dims=dims, model_spec=spec or llama3_spec(),
+                  device=simulated_device(device))
 
 
 def test_valid_llama3_job_passes():
@@ -143,6 +145,12 @@ def test_valid_llama3_job_passes():
 def test_model_without_cp_attention_is_refused_by_name():
     spec = dataclasses.replace(llama3_spec(), name="ringless", cp_attention=None)
     with pytest.raises(ConfigError, match="model 'ringless' does not support context parallelism .*cp_attention=None"):
+        _validate(_config(), spec=spec)
+
+
+def test_model_with_learned_positions_is_refused():
+    spec = dataclasses.replace(llama3_spec(), name="positional", sequence_indexed_parameters=("pos_embedding.weight",))
+    with pytest.raises(ConfigError, match=r"'positional' has parameters indexed by sequence position .*--parallelism\.cp 1"):
         _validate(_config(), spec=spec)
 
 
@@ -204,11 +212,9 @@ def test_cpu_routes_refuse_another_torch_version(version):
 
 def test_validation_refuses_cp_on_cpu_with_another_torch(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.14.0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="install torch 2.13"):
         _validate(_config())
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    _validate(_config())  # on CUDA torch routes SDPA itself
+    _validate(_config(), device="H100")  # on a GPU torch routes SDPA itself
 
 
 def test_changed_op_signature_is_refused(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 from plait.config import JobConfig
 from plait.errors import ConfigError
 from plait.parallel_dims import ParallelDims
+from plait.capabilities import simulated_device
 from plait.testing import check_plugins, run_ranks
 from plait_llama3.spec import TP_PLAN, llama3_spec
 from plait_tp import plugin
@@ -103,9 +104,10 @@ def _config(flavor: str = "debugmodel_tiny", **tp_options: bool) -> JobConfig:
     return config
 
 
-def _validate(config: JobConfig, tp: int, spec=None) -> None:
+def _validate(config: JobConfig, tp: int, spec=None, device: str = "cpu") -> None:
     dims = ParallelDims(tp=tp, dp_shard=1, world_size=tp)
-    check_plugins(plugin, config=config, parallel_dims=dims, model_spec=spec or llama3_spec())
+    check_plugins(plugin, config=config, parallel_dims=dims, model_spec=spec or llama3_spec(),
+                  device=simulated_device(device))
 
 
 def test_sequence_parallelism_cuts_each_sequence_into_tp_shards():
@@ -145,6 +147,42 @@ def test_unknown_plan_style_is_refused_before_any_work():
         _validate(_config(), tp=2, spec=spec)
 
 
+def test_a_plan_that_misses_parameters_is_refused_naming_them():
+    from plait.model_spec import TPPlan
+
+    spec = llama3_spec()
+    styles = {k: v for k, v in TP_PLAN.styles.items() if k not in ("layers.*.ffn_norm", "norm")}
+    spec.tp_plan = TPPlan(styles=styles, divisible_by_tp=TP_PLAN.divisible_by_tp)
+    expected = (r"does not cover 3 parameter\(s\): layers\.\*\.ffn_norm\.weight, norm\.weight\. "
+                r".*'replicate'.*--parallelism\.tp 1")
+    with pytest.raises(ConfigError, match=expected):
+        _validate(_config(), tp=2, spec=spec)
+    spec.tp_plan = TPPlan(styles={**styles, "norm": "replicate", "layers.*.ffn_norm": "sequence_parallel"},
+                          divisible_by_tp=TP_PLAN.divisible_by_tp)
+    _validate(_config(), tp=2, spec=spec)
+
+
+def test_every_model_package_plan_covers_its_model():
+    from plait.plugins import load_model_spec
+    from plait_tp.plan import uncovered_parameters
+
+    for name in ("llama3", "qwen3", "deepseek_v3"):
+        spec = load_model_spec(name)
+        for flavor in ("debugmodel", "debugmodel_moe") if name == "qwen3" else ("debugmodel",):
+            with torch.device("meta"):
+                model = spec.build(spec.args_for(flavor))
+            plan = spec.tp_plan
+            assert uncovered_parameters(model, plan.styles, plan.extra_covers) == [], (name, flavor)
+
+
+def test_sequence_parallelism_refuses_learned_positions():
+    spec = llama3_spec()
+    spec.sequence_indexed_parameters = ("pos_embedding.weight",)
+    with pytest.raises(ConfigError, match=r"pos_embedding\.weight.*add --tp\.sequence_parallel False"):
+        _validate(_config(), tp=2, spec=spec)
+    _validate(_config(sequence_parallel=False), tp=2, spec=spec)
+
+
 def test_tied_embeddings_are_refused():
     import dataclasses
 
@@ -155,16 +193,18 @@ def test_tied_embeddings_are_refused():
         _validate(_config("tied"), tp=2, spec=spec)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_async_tp_without_cuda_is_refused():
-    with pytest.raises(ConfigError, match="--tp.async_tp needs CUDA"):
-        _validate(_config(async_tp=True), tp=2)
+@pytest.mark.parametrize("device", ["cpu", "A100"])
+def test_async_tp_without_symmetric_memory_is_refused(device):
+    with pytest.raises(ConfigError, match=r"lacks: plugin 'plait_tp.plugin' needs symmetric_memory \(drop --tp.async_tp\)"):
+        _validate(_config(async_tp=True), tp=2, device=device)
 
 
-def test_async_tp_without_compile_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_async_tp_without_compile_is_refused():
     with pytest.raises(ConfigError, match="add --compile.enable"):
-        _validate(_config(async_tp=True), tp=2)
+        _validate(_config(async_tp=True), tp=2, device="H100")
+    compiled = _config(async_tp=True)
+    compiled.compile.enable = True
+    _validate(compiled, tp=2, device="H100")
 
 
 def test_tp_one_needs_nothing():

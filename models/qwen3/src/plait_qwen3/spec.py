@@ -66,6 +66,7 @@ def qwen3_spec() -> ModelSpec:
         divisible_by_tp=("n_heads", "kv_heads", "ffn_dim", "moe.hidden_dim"),
         moe=True,
         tp_extra=_parallelize_head_norms,
+        tp_extra_covers=("layers.*.attention.q_norm", "layers.*.attention.k_norm"),
         hf_adapter=Qwen3HFAdapter(),
     )
 

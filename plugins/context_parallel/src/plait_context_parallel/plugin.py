@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from plait.config import JobConfig
+    from plait.job import Job
     from plait.model_spec import ModelSpec
     from plait.parallel_dims import ParallelDims
     from plait.train_state import StepContext
@@ -50,10 +51,22 @@ def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: 
 
 
 @hookimpl
-def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> None:
+def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec, job: Job) -> None:
     cp = parallel_dims.cp
     if cp <= 1:
         return
+    if not model_spec.token_inputs:
+        raise ConfigError(
+            f"model {model_spec.name!r} trains on its own data pipeline's named inputs, and context "
+            f"parallelism shards token sequences only, so it cannot run with --parallelism.cp {cp}: "
+            "use --parallelism.cp 1 (shard the model with --parallelism.dp_shard instead)"
+        )
+    if model_spec.sequence_indexed_parameters:
+        raise ConfigError(
+            f"model {model_spec.name!r} has parameters indexed by sequence position "
+            f"({', '.join(model_spec.sequence_indexed_parameters)}, e.g. a learned position table), which "
+            f"context parallelism cannot split along with the sequence: use --parallelism.cp 1"
+        )
     if model_spec.cp_attention is None:
         raise ConfigError(
             f"model {model_spec.name!r} does not support context parallelism (its spec sets "
@@ -73,15 +86,8 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"only; model {model_spec.name!r} uses flex attention, which all-gathers keys and values: "
             "use --context_parallel.rotate_method allgather"
         )
-    if model_spec.cp_attention == "sdpa":
-        _check_cpu_ring_attention()
-
-
-def _check_cpu_ring_attention() -> None:
-    """On a machine without a GPU, CP SDPA runs on CPU and needs our ring-attention routes."""
-    import torch
-
-    if not torch.cuda.is_available():
+    if model_spec.cp_attention == "sdpa" and job.device.type == "cpu":
+        # torch's ring attention maps the GPU attention kernels only; on CPU it needs our routes
         from plait_context_parallel.cpu_ring_attention import check_supported
 
         check_supported()

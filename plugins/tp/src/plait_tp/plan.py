@@ -137,6 +137,30 @@ def resolve_plan(module_paths: Iterable[str], styles: Mapping[str, TPStyle]) -> 
     return resolved
 
 
+#: styles that distribute the parameters of their own module, and of every module below it
+OWN_PARAMETER_STYLES = frozenset({"colwise", "rowwise", "embedding", "output", "sequence_parallel", "replicate"})
+SUBTREE_STYLES = frozenset({"moe"})
+
+
+def uncovered_parameters(model: nn.Module, styles: Mapping[str, TPStyle], extra_covers: Iterable[str] = ()) -> list[str]:
+    """The parameters of ``model`` that no entry of the plan distributes: applied as they
+    are, they would stay plain tensors among DTensors and fail in the first step."""
+    resolved = resolve_plan((name for name, _ in model.named_modules() if name), styles)
+    extra_covers = tuple(extra_covers)
+    uncovered = []
+    for name, _ in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        ancestors = [".".join(owner.split(".")[:end]) for end in range(1, owner.count(".") + 2)] if owner else []
+        if resolved.get(owner) in OWN_PARAMETER_STYLES:
+            continue
+        if any(resolved.get(path) in SUBTREE_STYLES for path in ancestors):
+            continue
+        if owner and any(module_path_matches(pattern, owner) for pattern in extra_covers):
+            continue
+        uncovered.append(name)
+    return uncovered
+
+
 def build_style(style: TPStyle, options: StyleOptions) -> ParallelStyle | None:
     """The torch style for one plan entry; None where nothing needs to change."""
     sp = options.sequence_parallel

@@ -37,7 +37,7 @@ class TPConfig:
     loss_parallel: bool = True
     """Compute cross-entropy on vocabulary-sharded logits instead of gathering them."""
     async_tp: bool = False
-    """Overlap TP collectives with matmuls (CUDA with --compile.enable only)."""
+    """Overlap TP collectives with matmuls (devices with symmetric memory, with --compile.enable)."""
 
 
 @hookimpl
@@ -67,13 +67,42 @@ def check_divisibility(tp: int, model_spec: ModelSpec, args: Any, flavor: str) -
             )
 
 
+def check_plan_covers_model(model_spec: ModelSpec, meta_model: nn.Module, tp: int) -> None:
+    """Every parameter is distributed by the plan (or explicitly replicated); otherwise the
+    run would fail in its first step mixing plain tensors and DTensors."""
+    import re
+
+    from plait_tp.plan import uncovered_parameters
+
+    assert model_spec.tp_plan is not None
+    plan = model_spec.tp_plan
+    missing = uncovered_parameters(meta_model, plan.styles, plan.extra_covers)
+    if not missing:
+        return
+    names = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in missing))
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    raise ConfigError(
+        f"the tp_plan of model {model_spec.name!r} does not cover {len(missing)} parameter(s): {shown}. "
+        f"Give their modules a style in the model spec's tp_plan ('colwise'/'rowwise' for a linear "
+        f"layer split over the ranks, 'replicate' for parameters every rank keeps whole), or run with "
+        f"--parallelism.tp 1 (tp is {tp} now)"
+    )
+
+
 @hookimpl
 def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
-    """Sequence parallelism cuts each sequence into tp equal shards."""
+    """Sequence parallelism cuts each sequence into tp equal shards; async TP needs the
+    device's symmetric memory."""
     tp = parallel_dims.tp
-    if tp <= 1 or not _tp_config(config).sequence_parallel:
+    if tp <= 1:
         return None
-    return RunNeeds(sequence_splits=tp, reason=f"sequence parallelism (tp = {tp} shards)")
+    options = _tp_config(config)
+    return RunNeeds(
+        sequence_splits=tp if options.sequence_parallel else 1,
+        reason=f"sequence parallelism (tp = {tp} shards)",
+        requires=("symmetric_memory",) if options.async_tp else (),
+        requires_fix="drop --tp.async_tp",
+    )
 
 
 @hookimpl
@@ -101,14 +130,16 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"which tensor parallelism shards differently (vocab rows vs. output columns): use "
             f"--parallelism.tp 1 for this model"
         )
+    check_plan_covers_model(model_spec, job.meta_model, tp)
     options = _tp_config(config)
-    if options.async_tp:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "--tp.async_tp needs CUDA (symmetric memory); this machine has no GPU: drop --tp.async_tp"
-            )
+    if options.sequence_parallel and model_spec.sequence_indexed_parameters:
+        raise ConfigError(
+            f"{model_spec.name} adds parameters indexed by sequence position "
+            f"({', '.join(model_spec.sequence_indexed_parameters)}, e.g. a learned position table) to "
+            f"activations that sequence parallelism splits along the sequence over the tp ranks: "
+            f"add --tp.sequence_parallel False"
+        )
+    if options.async_tp:  # the device's symmetric memory is declared in plait_run_needs
         if not config.compile.enable:
             raise ConfigError(
                 "--tp.async_tp overlaps collectives inside compiled graphs: add --compile.enable "
