@@ -137,18 +137,48 @@ def test_logs_every_log_freq_steps_and_the_last(tmp_path: Path, plait_log) -> No
 
 def test_console_line_is_aligned_and_plain_off_a_terminal(tmp_path: Path, plait_log) -> None:
     mp = make_processor(tmp_path, total_steps=100, flops_per_token=1e8, peak_flops=1e14)
-    record(mp, 9, loss=6.1234, grad_norm=1.23, lr=8e-4, tokens=12345, seconds=1.0, extra={"z": 0.5})
-    record(mp, 10, loss=10.5, grad_norm=12.5, lr=1e-3, tokens=1234567, seconds=1.0)
+    record(mp, 9, loss=6.1234, grad_norm=1.23, lr=8e-4, tokens=12345, seconds=1.0, extra={"z": 0.5},
+           tokens_seen=111105, data_wait_seconds=0.0031)
+    record(mp, 10, loss=10.5, grad_norm=12.5, lr=1e-3, tokens=1234567, seconds=1.0,
+           tokens_seen=1345672, data_wait_seconds=0.25)
     first, second = plait_log.messages
     assert not ANSI.search(first)
     assert re.fullmatch(
         r"step   9  loss  6\.1234  grad_norm  1\.230  lr 8\.00e-04  tps    12,345  tflops   1\.23"
-        r"  mfu  1\.23%  mem +\d+\.\d\dGiB  z 0\.5",
+        r"  mfu  1\.23%  mem +\d+\.\d\dGiB  time  1\.000s  data   3\.1ms  seen 111\.1K  z 0\.5",
         first,
     ), first
+    assert second.endswith("time  1.000s  data 250.0ms  seen 1.346M")
     # Same columns on the next line, wider numbers included.
     assert first.index("grad_norm") == second.index("grad_norm")
     assert first.index("tflops") == second.index("tflops")
+
+
+def test_counts_are_compact():
+    from plait.metrics import format_count
+
+    assert [format_count(v) for v in (999, 1000, 123456, 7.5e9, 2.5e13)] == ["999", "1K", "123.5K", "7.5B", "25T"]
+
+
+def test_the_run_record_gives_the_batch_config_and_hparams(tmp_path: Path, plait_log) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mp = make_processor(tmp_path, config=MetricsSection(progress="off"))
+    batch = {"local_sequences": 4, "dp_degree": 8, "accumulation_steps": 2, "global_sequences": 64,
+             "global_tokens": 131072}
+    mp.record_run(1, config={"training": {"steps": 10, "seq_len": 2048}, "plugins": ["fsdp"]}, batch=batch)
+    mp.close()
+    assert plait_log.messages == [
+        "global batch 64 sequences = 131,072 tokens per step (local 4 × data-parallel 8 × accumulation 2)"
+    ]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert {f"batch/{key}" for key in batch} <= set(events.Tags()["scalars"])
+    assert events.Scalars("batch/accumulation_steps")[0].value == 2
+    (text,) = events.Tensors("config/text_summary")
+    assert '"seq_len": 2048' in text.tensor_proto.string_val[0].decode()
+    plugin_data = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    assert b"training.seq_len" in plugin_data and b"plugins" in plugin_data
 
 
 def test_console_line_is_colored_only_for_terminal_handlers(
@@ -190,7 +220,7 @@ def test_tensorboard_sees_the_exact_values(tmp_path: Path) -> None:
     names = {
         "loss": "loss", "grad_norm": "grad_norm", "lr": "lr", "throughput/tps": "tps",
         "throughput/tflops": "tflops", "throughput/mfu": "mfu",
-        "memory/peak_gib": "memory/peak_gib", "val/loss": "val/loss",
+        "memory/peak_gib": "memory/peak_gib", "time/step_seconds": "step_seconds", "val/loss": "val/loss",
     }  # fmt: skip
     assert set(events.Tags()["scalars"]) == set(names)
     for tag, key in names.items():
@@ -362,12 +392,12 @@ def test_reset_starts_a_new_cpu_peak_window() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_peak_cuda_memory_tracks_allocations() -> None:
-    reset_peak_memory("cuda")
+    reset_peak_memory("cuda", memory_stats=True)
     block = torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")
-    assert peak_memory_bytes("cuda") >= 32 * 2**20
+    assert peak_memory_bytes("cuda", memory_stats=True) >= 32 * 2**20
     del block
-    reset_peak_memory("cuda")
-    assert peak_memory_bytes("cuda") < 32 * 2**20
+    reset_peak_memory("cuda", memory_stats=True)
+    assert peak_memory_bytes("cuda", memory_stats=True) < 32 * 2**20
 
 
 def test_rates_read_well() -> None:

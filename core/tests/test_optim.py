@@ -56,3 +56,13 @@ def test_fused_is_the_default_and_falls_back_to_foreach_where_torch_has_no_kerne
     assert "no fused AdamW for torch.complex64 parameters on cpu; using foreach" in caplog.text
     complex_model(torch.randn(2, 4, dtype=torch.complex64)).abs().sum().backward()
     fallback.step()  # runs
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    from plait.config import LRSchedulerSection
+    from plait.optim import schedule_warnings
+
+    (warning,) = schedule_warnings(LRSchedulerSection(warmup_steps=10), total_steps=10)
+    assert "--lr_scheduler.warmup_steps 10 is not shorter than --training.steps 10" in warning
+    assert "ends at 91% of it" in warning
+    assert schedule_warnings(LRSchedulerSection(warmup_steps=9, decay_ratio=1.0), total_steps=10) == []

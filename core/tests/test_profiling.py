@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from plait import hookimpl
 from plait.config import ProfilingSection
 from plait.errors import ConfigError
 
@@ -32,11 +33,26 @@ def test_without_profiling_nothing_is_written(tmp_path):
     assert not (tmp_path / "profiles").exists()
 
 
-def test_data_wait_and_sync_times_reach_the_metrics(tmp_path):
-    trainer, _ = train_toy(toy_config(tmp_path, steps=1), ToyModelPlugin())
-    times = trainer.step_times.as_metrics()
-    assert set(times) == {"time/data_wait_ms", "time/sync_ms"} and all(value >= 0 for value in times.values())
-    assert times["time/data_wait_ms"] > 0
+class MetricsCollector:
+    PLAIT_API_VERSION = 1
+
+    def __init__(self) -> None:
+        self.logged: dict[int, dict[str, float]] = {}
+
+    @hookimpl
+    def plait_log_metrics(self, step, metrics, config):
+        self.logged[step] = dict(metrics)
+
+
+def test_data_wait_step_time_and_tokens_seen_reach_the_metrics(tmp_path):
+    collector = MetricsCollector()
+    config = toy_config(tmp_path, steps=2)
+    config.metrics.log_freq = 1
+    train_toy(config, ToyModelPlugin(), collector)
+    first, second = collector.logged[1], collector.logged[2]
+    assert first["time/data_wait_ms"] > 0 and first["time/sync_ms"] >= 0 and first["step_seconds"] > 0
+    per_step = config.training.local_batch_size * config.training.seq_len
+    assert (first["tokens_seen"], second["tokens_seen"]) == (per_step, 2 * per_step)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

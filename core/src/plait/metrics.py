@@ -11,6 +11,7 @@ slow first step (compilation, warm-up) shows as slow instead of being averaged a
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -49,6 +50,9 @@ TENSORBOARD_NAMES = {
     "tflops": "throughput/tflops",
     "mfu": "throughput/mfu",
     "memory/peak_gib": "memory/peak_gib",
+    "step_seconds": "time/step_seconds",
+    "time/data_wait_ms": "time/data_wait_ms",
+    "tokens_seen": "progress/tokens_seen",
 }
 
 #: Go to column 0 and erase the line: where a progress line is redrawn or hidden.
@@ -63,12 +67,13 @@ _STYLES = {"step": "bold", "loss": "cyan", "grad_norm": "yellow", "tps": "green"
 # ---------------------------------------------------------------------------
 
 
-def peak_memory_bytes(device_type: str) -> int:
+def peak_memory_bytes(device_type: str, *, memory_stats: bool = False) -> int:
     """Peak memory of this process on ``device_type`` since start or the last reset.
 
-    cpu: peak resident set size of the process; cuda (also ROCm builds): peak bytes
-    allocated by the caching allocator; other accelerators through ``torch.accelerator``.
-    Returns 0 where the platform cannot report it.
+    cpu: peak resident set size of the process; a device with the ``memory_stats``
+    capability (CUDA and HIP builds of torch): peak bytes allocated by the caching
+    allocator; other accelerators through ``torch.accelerator``. Returns 0 where the
+    platform cannot report it.
     """
     if device_type == "cpu":
         try:
@@ -79,14 +84,14 @@ def peak_memory_bytes(device_type: str) -> int:
         return int(max_rss if sys.platform == "darwin" else max_rss * 1024)
     import torch
 
-    if device_type == "cuda":
+    if memory_stats:
         return int(torch.cuda.max_memory_allocated())
     if _accelerator_is(device_type):
         return int(torch.accelerator.max_memory_allocated())
     return 0
 
 
-def reset_peak_memory(device_type: str) -> None:
+def reset_peak_memory(device_type: str, *, memory_stats: bool = False) -> None:
     """Start a new peak-memory window for ``peak_memory_bytes``.
 
     On CPU this needs Linux (``/proc/self/clear_refs``); elsewhere the CPU peak stays
@@ -101,7 +106,7 @@ def reset_peak_memory(device_type: str) -> None:
         return
     import torch
 
-    if device_type == "cuda":
+    if memory_stats:
         torch.cuda.reset_peak_memory_stats()
     elif _accelerator_is(device_type):
         torch.accelerator.reset_peak_memory_stats()
@@ -131,6 +136,14 @@ def format_rate(steps_per_second: float) -> str:
     return f"{1 / steps_per_second:.2f} s/step"
 
 
+def format_count(value: float) -> str:
+    """A count in 4 significant digits with a K/M/B/T suffix: ``12.35M``."""
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g}{suffix}"
+    return f"{value:.0f}"
+
+
 def format_step_line(step: int, metrics: dict[str, float], *, step_width: int, color: bool) -> str:
     """The console line of one step: fixed-width fields so that consecutive lines align."""
 
@@ -149,6 +162,11 @@ def format_step_line(step: int, metrics: dict[str, float], *, step_width: int, c
     if "mfu" in metrics:
         fields.append("mfu " + paint(f"{metrics['mfu']:5.2f}%", "mfu"))
     fields.append("mem " + paint(f"{metrics['memory/peak_gib']:5.2f}GiB", "mem"))
+    fields.append(f"time {metrics['step_seconds']:6.3f}s")
+    if "time/data_wait_ms" in metrics:
+        fields.append(f"data {metrics['time/data_wait_ms']:5.1f}ms")
+    if "tokens_seen" in metrics:
+        fields.append(f"seen {format_count(metrics['tokens_seen']):>6}")
     fields.extend(f"{key} {value:.4g}" for key, value in metrics.items() if key not in TENSORBOARD_NAMES)
     return "  ".join(fields)
 
@@ -284,6 +302,18 @@ class RateColumn(ProgressColumn):
         return Text(format_rate(math.nan if task.speed is None else task.speed), style="progress.data.speed")
 
 
+def _flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            flat[f"{prefix}{key}"] = ",".join(map(str, value))
+        elif value is not None:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 # ---------------------------------------------------------------------------
 # Metrics processor
 # ---------------------------------------------------------------------------
@@ -308,6 +338,7 @@ class MetricsProcessor:
         flops_per_token: float,
         peak_flops: float,
         device_type: str,
+        memory_stats: bool = False,
         is_logging_rank: bool = True,
         num_devices: int = 1,
         progress_stream: TextIO | None = None,
@@ -323,6 +354,7 @@ class MetricsProcessor:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.device_type = device_type
+        self.memory_stats = memory_stats
         self.is_logging_rank = is_logging_rank
         self.num_devices = num_devices
         self.tensorboard_dir = os.path.join(dump_folder, config.tensorboard_folder)
@@ -367,8 +399,13 @@ class MetricsProcessor:
         seconds: float,
         extra: dict[str, float] | None = None,
         details: dict[str, float] | None = None,
+        tokens_seen: int | None = None,
+        data_wait_seconds: float | None = None,
     ) -> dict[str, float]:
         """Metrics of optimizer step ``step`` (1-based); logged every ``log_freq`` steps and at the last.
+
+        ``tokens_seen``: tokens trained on so far by the whole job (this step included);
+        ``data_wait_seconds``: time this rank waited for the data loader in the step.
 
         ``extra`` scalars go to the console line and TensorBoard, ``details`` (breakdowns
         too long for one line, e.g. per layer) to TensorBoard only; both are returned.
@@ -376,7 +413,7 @@ class MetricsProcessor:
         if seconds <= 0:
             raise ValueError(f"step {step}: seconds must be positive, got {seconds}")
         tps = tokens / seconds / self.num_devices
-        peak_gib = peak_memory_bytes(self.device_type) / GIB
+        peak_gib = peak_memory_bytes(self.device_type, memory_stats=self.memory_stats) / GIB
         metrics = {
             "loss": float(loss),
             "grad_norm": float(grad_norm),
@@ -387,6 +424,11 @@ class MetricsProcessor:
         if self.peak_flops > 0:
             metrics["mfu"] = 100 * self.flops_per_token * tps / self.peak_flops
         metrics["memory/peak_gib"] = peak_gib
+        metrics["step_seconds"] = float(seconds)
+        if data_wait_seconds is not None:
+            metrics["time/data_wait_ms"] = 1e3 * data_wait_seconds
+        if tokens_seen is not None:
+            metrics["tokens_seen"] = float(tokens_seen)
         for key, value in [*(extra or {}).items(), *(details or {}).items()]:
             if key in metrics:
                 raise ValueError(f"extra metric {key!r} collides with a built-in or another extra metric; rename it")
@@ -418,6 +460,35 @@ class MetricsProcessor:
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, global_step=step)
+            self._writer.flush()
+
+    def record_run(self, step: int, *, config: dict[str, Any], batch: dict[str, int]) -> None:
+        """Once at the start of a run (logging rank only): the batch in one console line, and
+        to TensorBoard the batch as scalars, the config as text and as hparams (flattened
+        ``section.field`` values, for comparing runs in TensorBoard's HParams tab)."""
+        if not self.is_logging_rank:
+            return
+        self.log_text(
+            f"global batch {batch['global_sequences']:,} sequences = {batch['global_tokens']:,} tokens per step "
+            f"(local {batch['local_sequences']} × data-parallel {batch['dp_degree']} × accumulation "
+            f"{batch['accumulation_steps']})"
+        )
+        if self._writer is None:
+            return
+        for key, value in batch.items():
+            self._writer.add_scalar(f"batch/{key}", value, global_step=step)
+        self._writer.add_text("config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", global_step=step)
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = {key: value for key, value in _flatten(config).items() if isinstance(value, (bool, int, float, str))}
+        for summary in hparams(flat, {"loss": math.nan}):
+            self._writer.file_writer.add_summary(summary, global_step=step)
+        self._writer.flush()
+
+    def record_text(self, step: int, tag: str, text: str) -> None:
+        """A text (e.g. generated samples) to TensorBoard under ``tag`` (logging rank only)."""
+        if self.is_logging_rank and self._writer is not None:
+            self._writer.add_text(tag, text, global_step=step)
             self._writer.flush()
 
     def log_text(self, msg: str, *, level: int = logging.INFO) -> None:

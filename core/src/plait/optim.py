@@ -49,6 +49,19 @@ def _fused_supported(param: torch.Tensor) -> bool:
     return param.device.type in _get_fused_kernels_supported_devices() and torch.is_floating_point(param)
 
 
+def schedule_warnings(section: LRSchedulerSection, total_steps: int) -> list[str]:
+    """What in the schedule is probably not what the user meant (the run still trains).
+    The decay is a share of the steps after warmup, so only the warmup can outlast the run."""
+    if section.warmup_steps >= total_steps:
+        final = lr_factor(total_steps - 1, total_steps=total_steps, section=section)
+        return [
+            f"--lr_scheduler.warmup_steps {section.warmup_steps} is not shorter than --training.steps "
+            f"{total_steps}: the learning rate never reaches --optimizer.lr (it ends at {final:.0%} of it) "
+            f"and never decays; lower the warmup or train longer"
+        ]
+    return []
+
+
 def lr_factor(step: int, *, total_steps: int, section: LRSchedulerSection) -> float:
     """Multiplier of the peak LR for the optimizer step with 0-based index ``step``."""
     warmup = min(section.warmup_steps, total_steps)

@@ -61,21 +61,23 @@ class StepTimes:
         self.sync += time.perf_counter() - started
 
     def as_metrics(self) -> dict[str, float]:
-        return {"time/data_wait_ms": 1e3 * self.data_wait, "time/sync_ms": 1e3 * self.sync}
+        """What goes to TensorBoard only (the data wait is a metric of its own, on the console too)."""
+        return {"time/sync_ms": 1e3 * self.sync}
 
 
 class StepProfiler:
     """The profiler of a run (a no-op unless ``section.enable``)."""
 
     def __init__(self, section: ProfilingSection, *, dump_folder: str, rank: int, device_type: str,
-                 first_step: int) -> None:
+                 first_step: int, memory_stats: bool = False) -> None:
         self.section = section
         self.rank = rank
         self.device_type = device_type
         self.folder = os.path.join(dump_folder, section.folder)
         self._profiler: torch.profiler.profile | None = None
         self._step = first_step - 1
-        self._cuda_memory = section.memory_snapshot and device_type == "cuda"
+        # the caching allocator's history: CUDA and HIP devices (the memory_stats capability)
+        self._cuda_memory = section.memory_snapshot and memory_stats
 
     def __enter__(self) -> StepProfiler:
         section = self.section
