@@ -55,6 +55,13 @@ class ModelSection:
     the model's shape comes from its config.json."""
     args: dict[str, Any] = field(default_factory=dict)
     """Overrides of the model args' fields (--model.args.FIELD VALUE), e.g. {"n_layers": 4}."""
+    vocab_multiple: int = 128
+    """Trained from scratch, the model's vocabulary is the tokenizer's size rounded up to a
+    multiple of this (efficient matmuls); rows past the tokenizer's are masked out of the
+    loss. 1 keeps the tokenizer's exact size."""
+
+    def validate(self) -> None:
+        _require(self.vocab_multiple > 0, f"--model.vocab_multiple must be positive, got {self.vocab_multiple}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,9 +85,20 @@ class TrainingSection:
     """Random seed of the run (torch.manual_seed): weight initialization and other random draws."""
     deterministic: bool = False
     """Use deterministic algorithms (slower; bit-exact reruns on the same hardware)."""
+    sample_interval: int = 0
+    """Every N steps (and after the last), log greedy continuations of --training.sample_prompts
+    to the console and TensorBoard (single process only); 0 disables it."""
+    sample_prompts: tuple[str, ...] = ("The meaning of life is", "Once upon a time")
+    """The prompts continued every --training.sample_interval steps."""
+    sample_max_new_tokens: int = 16
+    """Tokens generated per prompt every --training.sample_interval steps."""
 
     def validate(self) -> None:
         _require(self.steps > 0, f"--training.steps must be positive, got {self.steps}")
+        _require(self.sample_interval >= 0, f"--training.sample_interval must be >= 0, got {self.sample_interval}")
+        _require(not self.sample_interval or (self.sample_prompts and self.sample_max_new_tokens > 0),
+                 "--training.sample_interval needs --training.sample_prompts and a positive "
+                 "--training.sample_max_new_tokens")  # fmt: skip
         _require(self.seq_len > 0, f"--training.seq_len must be positive, got {self.seq_len}")
         _require(
             self.local_batch_size > 0,
@@ -220,6 +238,10 @@ class DataSection:
     held_out_share: float = 0.0
     """Share of the documents (chosen by a hash of their text) that training never reads;
     validation reads them unless --validation.dataset names other data. 0 holds none out."""
+    bad_rows: Literal["stop", "skip"] = "stop"
+    """A malformed JSON-lines row (not JSON, not an object, no --data.text_field): stop
+    names its file and line (after saving a checkpoint of the last finished step); skip
+    skips it and counts it (logged, and data/bad_rows_skipped in the metrics)."""
 
     def validate(self) -> None:
         _require(0.0 <= self.held_out_share < 1.0,

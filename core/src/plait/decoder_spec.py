@@ -118,6 +118,7 @@ def decoder_spec(
         flops_per_token=decoder_flops(count_parameters, attention_dims),
         block_container="layers",
         seq_len_arg="max_seq_len",
+        vocab_arg="vocab_size",
         tp_plan=decoder_tp_plan(attention=attention_tp, divisible_by_tp=divisible_by_tp, moe=moe, extra=tp_extra,
                                 extra_covers=tp_extra_covers),
         pipeline_split_points=decoder_split_points(name),

@@ -91,6 +91,10 @@ class ModelSpec:
     #: a RoPE table, ``"max_seq_len"``); None keeps the flavor's value whatever the run's length
     #: (a learned position table, whose shape is part of the weights)
     seq_len_arg: str | None = None
+    #: the model-args field holding the vocabulary size (e.g. ``"vocab_size"``): trained from
+    #: scratch it follows the tokenizer (padded to ``--model.vocab_multiple``); None: the
+    #: model has no vocabulary, or keeps its flavor's
+    vocab_arg: str | None = None
     tp_plan: TPPlan | None = None
     #: module paths that begin a new pipeline stage, given args and the number of stages
     pipeline_split_points: Callable[[Any, int], list[str]] | None = None

@@ -11,12 +11,41 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from plait.data.batch import call_model
 from plait.errors import PluginError
 from plait.train_state import StepContext
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def without_padded_vocabulary(loss_fn: Callable[..., torch.Tensor], vocabulary: int) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` with the logits of ids ``>= vocabulary`` (rows that pad the model's
+    vocabulary past the tokenizer's) at -inf: out of the softmax, so they get no gradient."""
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(mask_padded_logits(logits, vocabulary), labels)
+
+    return loss
+
+
+def mask_padded_logits(logits: torch.Tensor, vocabulary: int) -> torch.Tensor:
+    """``logits`` (``[..., model vocabulary]``) with ids ``>= vocabulary`` set to -inf; a
+    vocabulary-sharded DTensor (tp's loss parallelism) masks each rank's own columns."""
+    if logits.shape[-1] <= vocabulary:
+        return logits
+    if not _is_dtensor(logits):
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        return logits.masked_fill(ids >= vocabulary, float("-inf"))
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = logits.to_local()
+    _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    ids = torch.arange(local.shape[-1], device=local.device) + offset[-1]
+    local = local.masked_fill(ids >= vocabulary, float("-inf"))
+    return DTensor.from_local(local, logits.device_mesh, logits.placements, shape=logits.shape, stride=logits.stride())
 
 
 def clip_grad_norm_(
@@ -69,7 +98,7 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 def default_forward_backward(ctx: StepContext) -> torch.Tensor:
-    logits = ctx.model_parts[0](ctx.inputs)
+    logits = call_model(ctx.model_parts[0], ctx.inputs)
     loss = ctx.loss_fn(logits, ctx.labels) / ctx.grad_accumulation_steps
     del logits
     loss.backward()
@@ -98,7 +127,7 @@ def evaluate_micro_batch(ctx: StepContext) -> torch.Tensor:
     with torch.no_grad(), train_contexts(ctx):
         loss = ctx.hook.plait_evaluate(ctx=ctx)
         if loss is None:
-            loss = ctx.loss_fn(ctx.model_parts[0](ctx.inputs), ctx.labels)
+            loss = ctx.loss_fn(call_model(ctx.model_parts[0], ctx.inputs), ctx.labels)
             loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
     return loss.detach()
 
@@ -114,6 +143,8 @@ def run_train_step(ctx: StepContext) -> torch.Tensor:
         ctx.inputs, ctx.labels = next(ctx.batches)
         loss = forward_backward_micro_batch(ctx)
         total_loss = loss if total_loss is None else total_loss + loss
+    ctx.results["loss"] = total_loss
+    hook.plait_gradients_ready(ctx=ctx)  # may reduce gradients and the loss further (torchft)
     params = [p for part in ctx.model_parts for p in part.parameters()]
     ctx.results["grad_norm"] = clip_grad_norm_(
         params, ctx.config.training.max_norm, ctx.parallel_dims.get_optional_mesh("pp")
@@ -122,8 +153,7 @@ def run_train_step(ctx: StepContext) -> torch.Tensor:
     ctx.optimizer.step()
     ctx.lr_scheduler.step()
     hook.plait_after_optimizer_step(ctx=ctx)
-    ctx.results["loss"] = total_loss
-    return total_loss
+    return ctx.results["loss"]
 
 
 def refuse_plain_implementations(hook_caller: Any) -> None:

@@ -71,6 +71,9 @@ def load_config_file(path: str, manager: Any) -> Any:
             document = json.load(f)
     except OSError as error:
         raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not text (a binary file?); pass a config.json that plait "
+                          "train wrote, or a recipe name") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"--config {path} is not valid JSON ({error}); pass a config.json that plait "
                           "train wrote, or a recipe name") from None
@@ -141,7 +144,8 @@ def model_section_class(spec: Any) -> type | None:
         kw_only=True,
     )
     model_help = field_help(ModelSection)
-    fields = [(f.name, Annotated[f.type if isinstance(f.type, type) else str, tyro.conf.arg(help=model_help.get(f.name))],
+    hints = typing.get_type_hints(ModelSection)
+    fields = [(f.name, Annotated[hints[f.name], tyro.conf.arg(help=model_help.get(f.name))],
                dataclasses.field(default=f.default)) for f in dataclasses.fields(ModelSection) if f.name != "args"]
     fields.append(("args", Annotated[overrides, tyro.conf.arg(help=model_help.get("args"))],
                    dataclasses.field(default_factory=overrides)))
