@@ -258,6 +258,25 @@ def train_session(backend: str) -> Callable[[nox.Session], None]:
     return run
 
 
+def loss_baseline_session(backend: str) -> Callable[[nox.Session], None]:
+    def run(session: nox.Session) -> None:
+        names = ["plait-llama3", *(["plait-rocm"] if backend == "rocm" else [])]
+        needed: list[Package] = []
+        for name in names:
+            if name not in BY_NAME:
+                session.error(f"the loss-baseline session needs the {name} package")
+            needed += [package for package in with_dependencies(session, BY_NAME[name]) if package not in needed]
+        require_readable(session, needed)
+        constraints = install_torch(session, backend)
+        editable = [argument for package in needed for argument in ("-e", package.spec(with_tests=False))]
+        session.install(*editable, *constraints)
+        session.run("python", "benchmarks/loss_baseline.py", "--backend", backend, *session.posargs)
+
+    run.__doc__ = (f"The debug run's per-step losses against benchmarks/loss_baselines/{backend}.json "
+                   f"({backend}; -- --write stores them).")
+    return run
+
+
 def register(name: str, body: Callable[[nox.Session], None], tags: list[str]) -> None:
     nox.session(name=name, tags=tags)(body)
 
@@ -270,3 +289,4 @@ for backend in BACKENDS:
     register(f"integration{suffix}", integration_session(backend), [backend, ci, "integration"])
     register(f"tests{suffix}", all_tests_session(backend), [backend, "tests"])
     register(f"train{suffix}", train_session(backend), [backend, "train"])
+    register(f"loss-baseline{suffix}", loss_baseline_session(backend), [backend, "loss-baseline"])

@@ -89,10 +89,11 @@ def device_name(device: str) -> str:
 def nominal_peak_flops(threads: int, device: str, dtype: str) -> float:
     """The datasheet peak plait's MFU uses: /proc/cpuinfo's vector width x clock per thread
     on CPU, the GPU's dense figure for the dtype."""
-    from plait.builtin import cpu_peak_per_thread, peak_flops
+    from plait.builtin import cpu_peak_per_thread, cuda_capabilities
+    from plait.capabilities import training_peak_flops
 
     if device == "cuda":
-        return peak_flops("cuda", device_name(device), dtype)
+        return training_peak_flops(cuda_capabilities(), dtype)
     return cpu_peak_per_thread() * threads
 
 

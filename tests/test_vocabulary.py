@@ -48,11 +48,27 @@ def test_from_scratch_the_vocabulary_is_the_tokenizers_padded(tmp_path, capsys, 
     assert config["model_args"]["vocab_size"] == padded_vocabulary(size, 128)
     exact = printed_config(capsys, job(tmp_path, "--data.tokenizer", str(path), "--model.vocab_multiple", "1"))
     assert exact["model_args"]["vocab_size"] == size
+    flavor = printed_config(capsys, job(tmp_path, "--data.tokenizer", str(path), "--model.vocab", "flavor"))
+    assert flavor["model_args"]["vocab_size"] == 2048
 
     result = train(job(tmp_path / "run", "--data.tokenizer", str(path), "--model.vocab_multiple", "64"))
     assert all(torch.isfinite(torch.tensor(list(result.losses.values()))))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["model_args"]["vocab_size"] == padded_vocabulary(size, 64)
+    padded = padded_vocabulary(size, 64)
+    assert saved["model_args"]["vocab_size"] == padded
+
+    # The padded rows were never trained down: the export tells transformers not to sample them.
+    assert main(["convert", str(tmp_path / "run" / "checkpoint" / "step-2"), str(tmp_path / "hf")]) == 0
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == list(range(size, padded))
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    prompt = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        best = model(prompt).logits[0, -1, :size].argmax()
+        model.lm_head.weight[size:] = 10 * model.lm_head.weight[best]  # padded rows now win the next token
+    assert int(model.generate(prompt, max_new_tokens=1, do_sample=False, suppress_tokens=[])[0, -1]) >= size
+    assert int(model.generate(prompt, max_new_tokens=4, do_sample=False).max()) < size
 
 
 def test_padded_rows_are_out_of_the_softmax():

@@ -2,6 +2,7 @@
 clear errors for options of plugins that are not enabled. In-process ``main([...])`` calls
 on throwaway plugins, so only the core has to be installed."""
 import dataclasses
+import os
 import sys
 import typing
 
@@ -142,6 +143,11 @@ def test_plan_help_and_missing_world_size(installed, capsys):
     assert code == 2 and "--world-size N" in err
 
 
+def test_preprocess_needs_an_output_folder(installed, capsys):
+    code, _, err = run(["preprocess", "--config", "toy_debug"], capsys)
+    assert code == 2 and "--output FOLDER" in err
+
+
 def test_plugins_lists_descriptions_without_importing(installed, capsys):
     code, out, _ = run(["plugins"], capsys)
     assert code == 0
@@ -168,6 +174,10 @@ def test_convert_passes_dtype(installed, capsys, monkeypatch, tmp_path):
                         lambda ckpt, spec, args, out, *, dtype: calls.append((args, out, dtype)))
     argv = ["convert", str(tmp_path), str(tmp_path / "hf"), "--model", "toy", "--flavor", "tiny"]
     code, out, _ = run([*argv, "--dtype", "bfloat16"], capsys)
-    assert code == 0 and calls == [("tiny", str(tmp_path / "hf"), torch.bfloat16)] and "bfloat16" in out
+    # Written beside the output, then renamed to it whole.
+    assert code == 0 and [(a, d) for a, _, d in calls] == [("tiny", torch.bfloat16)] and "bfloat16" in out
+    staging = calls[0][1]
+    assert os.path.dirname(staging) == str(tmp_path) and os.path.basename(staging).startswith(".hf.partial-")
+    assert (tmp_path / "hf").is_dir() and not os.path.exists(staging)
     code, _, err = run([*argv, "--dtype", "fp8"], capsys)
     assert code == 2 and "float16" in err

@@ -300,7 +300,7 @@ def test_bad_local_datasets_are_config_errors(tok, tmp_path, spec, message):
 def test_malformed_file_is_a_config_error(tok, tmp_path, streaming):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{not json\n')
-    with pytest.raises(ConfigError, match="could not be loaded: .*JSON parse error"):
+    with pytest.raises(ConfigError, match="could not be loaded: .*(JSON parse error|line 2 of .* is not valid JSON)"):
         make_loader(tok, DataSection(dataset=str(path), streaming=streaming))
 
 

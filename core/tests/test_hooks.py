@@ -341,3 +341,39 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"step 2: the weights hold NaN or inf .*last good checkpoint \(step 1 "):
         train_toy(config, ToyModelPlugin(), BreakWeights())
     assert sorted(p.name for p in (tmp_path / "checkpoint").glob("step-*")) == ["step-1"]
+
+
+class HalveGradientsAndSkipAhead:
+    """Scales the complete gradients and the loss before clipping (as a cross-group average
+    would), and at step 2 moves the run to step 4 (as healing from a peer does)."""
+
+    PLAIT_API_VERSION = 1
+    PROVIDES = ()
+    REQUIRES = ()
+
+    def __init__(self):
+        self.seen_grad_norm = []
+
+    @hookimpl
+    def plait_gradients_ready(self, ctx):
+        self.seen_grad_norm.append("grad_norm" in ctx.results)
+        for param in ctx.model_parts[0].parameters():
+            param.grad.mul_(0.5)
+        ctx.results["loss"] = ctx.results["loss"] * 0.5
+
+    @hookimpl(wrapper=True)
+    def plait_train_step(self, ctx):
+        loss = yield
+        if ctx.step == 2:
+            ctx.step = 4
+        return loss
+
+
+def test_gradients_ready_before_clipping_and_a_plugin_may_move_the_step(tmp_path):
+    plain = train_toy(toy_config(tmp_path / "plain", steps=1), ToyModelPlugin())[1]
+    plugin = HalveGradientsAndSkipAhead()
+    _, result = train_toy(toy_config(tmp_path / "halved", steps=5), ToyModelPlugin(), plugin)
+    assert plugin.seen_grad_norm == [False, False, False]  # steps 1, 2 (moved to 4), 5
+    assert sorted(result.losses) == [1, 4, 5]
+    assert result.losses[1] == pytest.approx(plain.losses[1] * 0.5)
+    assert result.grad_norms[1] == pytest.approx(plain.grad_norms[1] * 0.5)

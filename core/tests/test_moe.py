@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.capabilities import simulated_device
 from plait.errors import ConfigError
 from plait.nn import moe as moe_module
 from plait.nn.moe import (
@@ -20,7 +21,6 @@ from plait.nn.moe import (
     configure_moe_layers,
     finish_moe_step,
     grouped_expert_swiglu,
-    grouped_mm_supported,
     load_balance_loss,
     looped_expert_swiglu,
 )
@@ -85,9 +85,9 @@ def test_auto_uses_grouped_mm_where_supported_and_the_loop_elsewhere(monkeypatch
         original = getattr(moe_module, name)
         monkeypatch.setattr(moe_module, name, lambda *a, _name=name, _f=original: used.append(_name) or _f(*a))
 
-    assert grouped_mm_supported(torch.device("cpu"), torch.float32)  # PLATFORM 6b
+    configure_moe_layers(layer, grouped_mm=simulated_device("cpu").capabilities.grouped_mm)  # PLATFORM 6b
     reference = layer(x)
-    monkeypatch.setitem(moe_module._GROUPED_MM_SUPPORT, ("cpu", torch.float32), False)
+    configure_moe_layers(layer, grouped_mm=False)  # a device without the capability
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-6)
     layer.experts.implementation = "grouped_mm"
     layer(x)
@@ -401,20 +401,16 @@ def test_layer_compiles_as_one_graph_and_matches_eager() -> None:
     assert layer.tokens_per_expert.sum() == 2 * (2 * 8 * 2)  # both forwards counted
 
 
-def test_moe_block_under_activation_checkpointing_finds_grouped_mm_inside_the_checkpoint(monkeypatch):
-    """The grouped-matmul trial runs on the first forward, here inside a checkpointed
-    region; its tensors must not count among those the recompute has to save again."""
+def test_moe_block_under_activation_checkpointing_runs_grouped_mm():
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     from plait.nn import moe
 
-    monkeypatch.setattr(moe, "_GROUPED_MM_SUPPORT", {})
     torch.manual_seed(0)
     layer = moe.MoE(dim=16, args=moe.MoEArgs(num_experts=4, top_k=2, hidden_dim=16))
     layer.init_weights(std=0.02, out_std=0.02)
     x = torch.randn(2, 8, 16, requires_grad=True)
     checkpoint_wrapper(layer, preserve_rng_state=False)(x).sum().backward()
-    assert moe._GROUPED_MM_SUPPORT  # the trial ran, inside the checkpoint
     assert x.grad is not None and layer.router.gate.weight.grad is not None
 
 

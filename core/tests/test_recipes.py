@@ -16,3 +16,4 @@ def test_pretraining_recipe_sets_the_gpu_defaults():
     assert config.optimizer.lr == 3e-4 and config.optimizer.implementation == "fused"
     assert config.training.dtype == "bfloat16" and config.compile.enable
     assert config.job.description == "mymodel 7B pretraining"
+    assert config.model.vocab == "flavor"  # the published vocabulary, for the model's own tokenizer

@@ -20,4 +20,13 @@ def from_pretrained(model_name: str, hf_dir: str, **kwargs):
     return _from_pretrained(model_name, hf_dir, **kwargs)
 
 
-__all__ = ["PLUGIN_API_VERSION", "__version__", "from_pretrained", "hookimpl"]
+def generate(model, input_ids, *, max_new_tokens: int, **options):
+    """Continue the prompts ``input_ids`` ``[batch, prompt]`` with a key/value cache:
+    ``[batch, prompt + new]``, greedy unless sampling options are given (see
+    ``plait.generation.generate`` for every option)."""
+    from plait.generation import generate as _generate
+
+    return _generate(model, input_ids, max_new_tokens=max_new_tokens, **options)
+
+
+__all__ = ["PLUGIN_API_VERSION", "__version__", "from_pretrained", "generate", "hookimpl"]

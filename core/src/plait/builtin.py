@@ -2,27 +2,18 @@
 core uses the same hooks as everybody else and wrappers see it."""
 from __future__ import annotations
 
-import os
+import dataclasses
+import logging
 from typing import Any
 
+from plait.capabilities import CPU_CAPABILITIES, Capabilities, nvidia_capabilities, training_peak_flops
 from plait.hookspecs import hookimpl
+
+logger = logging.getLogger("plait")
 
 PLAIT_API_VERSION = 1
 PROVIDES = ("device:cpu", "device:cuda")
 REQUIRES = ()
-
-#: Dense bf16 peak FLOP/s by device-name fragment (datasheet figures, no sparsity).
-_CUDA_PEAK_BF16 = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-}
 
 #: fp32 FLOPs per cycle per core by vector extension (two FMA units).
 _CPU_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("sse2", 8))
@@ -42,18 +33,29 @@ def cpu_peak_per_thread() -> float:
     return per_cycle * (max(mhz) * 1e6 if mhz else 2e9)
 
 
-def peak_flops(device_type: str, device_name: str, dtype: str) -> float:
-    override = os.environ.get("PLAIT_PEAK_FLOPS")
-    if override:
-        return float(override)
-    if device_type == "cuda":
-        for fragment, flops in _CUDA_PEAK_BF16.items():
-            if fragment in device_name:
-                return flops if dtype == "bfloat16" else flops / 2
-        return 312e12
+def cpu_capabilities() -> Capabilities:
+    """A CPU's capabilities, with the nominal peak of the threads torch uses (the same for
+    float32 and bfloat16: a datasheet-style figure, not a measured one)."""
     import torch
 
-    return cpu_peak_per_thread() * torch.get_num_threads()
+    peak = cpu_peak_per_thread() * torch.get_num_threads()
+    return dataclasses.replace(CPU_CAPABILITIES, peak_flops={"float32": peak, "bfloat16": peak})
+
+
+def cuda_capabilities() -> Capabilities:
+    """The capabilities of the current CUDA device: an NVIDIA GPU by compute capability and
+    name; an AMD GPU (ROCm build of torch) only conservatively, since the rocm plugin
+    answers for those."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    if torch.version.hip:
+        logger.warning(
+            "%s is an AMD GPU: enable the rocm plugin (--plugins rocm, package plait-rocm) for its capabilities "
+            "and peak FLOPs; without it plait assumes bf16 and memory statistics only", name
+        )
+        return Capabilities(bf16=True, memory_stats=True, collective_backend="rccl")
+    return nvidia_capabilities(name, torch.cuda.get_device_capability())
 
 
 class CorePlugin:
@@ -71,9 +73,12 @@ class CorePlugin:
 
         dtype = config.training.dtype
         if torch.cuda.is_available():
-            name = torch.cuda.get_device_name()
-            return DeviceInfo(type="cuda", backend="nccl", peak_flops=peak_flops("cuda", name, dtype), name=name)
-        return DeviceInfo(type="cpu", backend="gloo", peak_flops=peak_flops("cpu", "cpu", dtype), name="cpu")
+            capabilities = cuda_capabilities()
+            return DeviceInfo(type="cuda", backend="nccl", peak_flops=training_peak_flops(capabilities, dtype),
+                              name=torch.cuda.get_device_name(), capabilities=capabilities)
+        capabilities = cpu_capabilities()
+        return DeviceInfo(type="cpu", backend="gloo", peak_flops=training_peak_flops(capabilities, dtype), name="cpu",
+                          capabilities=capabilities)
 
     @hookimpl
     def plait_train_context(self, config: Any, parallel_dims: Any, ctx: Any):

@@ -55,10 +55,13 @@ class ModelSection:
     the model's shape comes from its config.json."""
     args: dict[str, Any] = field(default_factory=dict)
     """Overrides of the model args' fields (--model.args.FIELD VALUE), e.g. {"n_layers": 4}."""
+    vocab: Literal["tokenizer", "flavor"] = "tokenizer"
+    """The vocabulary size of a model trained from scratch: the tokenizer's, padded to
+    --model.vocab_multiple, or the flavor's (a published size, for its own tokenizer).
+    Rows past the tokenizer's are masked out of the loss either way."""
     vocab_multiple: int = 128
-    """Trained from scratch, the model's vocabulary is the tokenizer's size rounded up to a
-    multiple of this (efficient matmuls); rows past the tokenizer's are masked out of the
-    loss. 1 keeps the tokenizer's exact size."""
+    """Round the tokenizer's vocabulary size up to a multiple of this (efficient matmuls);
+    1 keeps the exact size."""
 
     def validate(self) -> None:
         _require(self.vocab_multiple > 0, f"--model.vocab_multiple must be positive, got {self.vocab_multiple}")

@@ -1,8 +1,10 @@
 """Hugging Face checkpoint folders: read, write, and load into a registered model.
 
 A folder holds ``config.json`` and the weights as safetensors: either one
-``model.safetensors`` or shards listed by ``model.safetensors.index.json``. Names,
-configs and tensor layouts are converted by the model spec's ``hf_adapter``.
+``model.safetensors`` or shards listed by ``model.safetensors.index.json`` (diffusers
+names them ``diffusion_pytorch_model*``; both are read, and an adapter's
+``hf_weights_name`` picks the name written). Names, configs and tensor layouts are
+converted by the model spec's ``hf_adapter``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: the file-name stems of the weights: transformers' and diffusers'
+WEIGHTS_NAMES = ("model", "diffusion_pytorch_model")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 _EXPECTED = f"a Hugging Face model folder with {CONFIG_FILE} and either {SINGLE_FILE} or {INDEX_FILE} plus its shards"
@@ -29,13 +33,22 @@ _EXPECTED = f"a Hugging Face model folder with {CONFIG_FILE} and either {SINGLE_
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not text (a binary file?); expected {_EXPECTED}") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path} is not valid JSON ({error}); expected {_EXPECTED}") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index_path = folder / INDEX_FILE
+    for stem in WEIGHTS_NAMES[1:]:
+        if (folder / f"{stem}.safetensors.index.json").is_file() or (folder / f"{stem}.safetensors").is_file():
+            return _weight_files_named(folder, stem)
+    return _weight_files_named(folder, WEIGHTS_NAMES[0])
+
+
+def _weight_files_named(folder: Path, stem: str) -> list[Path]:
+    index_path = folder / f"{stem}.safetensors.index.json"
     if index_path.is_file():
         index = _read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -56,10 +69,10 @@ def _weight_files(folder: Path) -> list[Path]:
         shards = [folder / name for name in names]
         absent = [shard.name for shard in shards if not shard.is_file()]
         if absent:
-            raise ConfigError(f"{folder} lacks the shard(s) {', '.join(absent)} listed in {INDEX_FILE}")
+            raise ConfigError(f"{folder} lacks the shard(s) {', '.join(absent)} listed in {index_path.name}")
         return shards
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
+    if (folder / f"{stem}.safetensors").is_file():
+        return [folder / f"{stem}.safetensors"]
     hint = ""
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
         hint = " (it holds .bin/.pth weights: re-save them as safetensors with save_pretrained)"
@@ -77,6 +90,57 @@ def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(hf_config, dict):
         raise ConfigError(f"{folder / CONFIG_FILE} must hold a JSON object; expected {_EXPECTED}")
     return hf_config
+
+
+#: Sizes in an HF ``config.json`` that must be positive integers where given (None: the
+#: adapter's default) ...
+POSITIVE_SIZES = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+    "intermediate_size", "head_dim", "max_position_embeddings", "moe_intermediate_size", "num_experts",
+    "num_local_experts", "num_experts_per_tok", "n_routed_experts", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group",
+)
+#: ... and the counts that may be zero.
+COUNTS = ("first_k_dense_replace", "n_shared_experts", "q_lora_rank", "decoder_sparse_step")
+
+
+def check_hf_sizes(hf_config: dict[str, Any], where: str) -> None:
+    """The sizes of an HF ``config.json`` are integers of the right sign, and the attention
+    heads group evenly: one message naming every bad field, before an adapter reads them."""
+    problems = []
+    for key in (*POSITIVE_SIZES, *COUNTS):
+        value = hf_config.get(key)
+        if value is None:
+            continue
+        least = 1 if key in POSITIVE_SIZES else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            need = "a positive integer" if least else "an integer >= 0"
+            problems.append(f"{key} must be {need}, got {value!r}")
+    heads, kv_heads = hf_config.get("num_attention_heads"), hf_config.get("num_key_value_heads")
+    if not problems and isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        problems.append(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems) + ". Fix the file or re-download the model folder")
+
+
+def hf_model_args_of(adapter: HFAdapter, model_name: str, hf_config: dict[str, Any], hf_dir: str) -> Any:
+    """The model args an HF ``config.json`` describes, through ``adapter``: the
+    architecture and the sizes are checked first, and what the adapter cannot read is a
+    ``ConfigError`` naming the folder."""
+    where = f"{hf_dir}/{CONFIG_FILE}"
+    architectures = hf_config.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ConfigError(f"{where}: architectures must be a list of class names, got {architectures!r}")
+    if architectures and not set(architectures) & set(adapter.hf_architectures):
+        raise ConfigError(
+            f"{hf_dir} holds a {', '.join(map(str, architectures))} checkpoint; model {model_name!r} reads "
+            f"{', '.join(adapter.hf_architectures)}"
+        )
+    check_hf_sizes(hf_config, where)
+    try:
+        return adapter.args_from_hf_config(hf_config)
+    except (KeyError, TypeError, ValueError, ArithmeticError) as error:
+        raise ConfigError(f"{where} does not describe a {model_name} model: {error!r}") from None
 
 
 def load_hf_folder(hf_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -102,7 +166,8 @@ def _plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu().contiguous()
 
 
-def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> tuple[dict[str, list[str]], int]:
+def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int, weights_name: str = WEIGHTS_NAMES[0]
+           ) -> tuple[dict[str, list[str]], int]:  # fmt: skip
     """File name -> tensor names, and the total bytes, as ``huggingface_hub`` splits them:
     in key order, a new shard when the next tensor would pass ``max_shard_bytes``, a
     tensor larger than that alone in its own shard; one ``model.safetensors`` when all fit.
@@ -110,9 +175,9 @@ def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> tuple[dict
     from huggingface_hub import split_torch_state_dict_into_shards
 
     split = split_torch_state_dict_into_shards(
-        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes
+        tensors, filename_pattern=weights_name + "{suffix}.safetensors", max_shard_size=max_shard_bytes
     )
-    return split.filename_to_tensors or {SINGLE_FILE: []}, split.metadata["total_size"]
+    return split.filename_to_tensors or {f"{weights_name}.safetensors": []}, split.metadata["total_size"]
 
 
 def save_hf_folder(
@@ -121,9 +186,11 @@ def save_hf_folder(
     state_dict: dict[str, torch.Tensor],
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    weights_name: str = WEIGHTS_NAMES[0],
 ) -> None:
     """Write ``config.json`` and the tensors as safetensors, sharded with an index when
-    they exceed ``max_shard_bytes``, in the layout ``from_pretrained`` of transformers reads.
+    they exceed ``max_shard_bytes``, in the layout ``from_pretrained`` of transformers reads
+    (of diffusers with ``weights_name="diffusion_pytorch_model"``).
 
     ``out_dir`` must be new or empty, so that no stale shard is ever mixed in.
     """
@@ -150,17 +217,18 @@ def save_hf_folder(
 
     config = dict(hf_config)
     floating = [t for t in tensors.values() if t.is_floating_point()]
-    if floating and "dtype" not in config and "torch_dtype" not in config:
+    # transformers reads the dtype from config.json; diffusers refuses keys it does not know
+    if floating and "dtype" not in config and "torch_dtype" not in config and weights_name == WEIGHTS_NAMES[0]:
         config["dtype"] = str(floating[0].dtype).removeprefix("torch.")
 
-    files, total_size = _shard(tensors, max_shard_bytes)
+    files, total_size = _shard(tensors, max_shard_bytes, weights_name)
     metadata = {"format": "pt"}
     for file_name, names in files.items():
         save_file({name: tensors[name] for name in names}, folder / file_name, metadata=metadata)
     if len(files) > 1:
         weight_map = {name: file_name for file_name, names in files.items() for name in names}
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / f"{weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -204,13 +272,8 @@ def from_pretrained(
     spec = load_model_spec(model_name)
     adapter = _adapter(spec)
     hf_config, hf_state_dict = load_hf_folder(hf_dir)
-    architectures = hf_config.get("architectures") or []
-    if architectures and not set(architectures) & set(adapter.hf_architectures):
-        raise ConfigError(
-            f"{hf_dir} holds a {', '.join(architectures)} checkpoint; model {model_name!r} reads "
-            f"{', '.join(adapter.hf_architectures)}"
-        )
-    args = replace_args(adapter.args_from_hf_config(hf_config), arg_overrides, where="from_pretrained")
+    args = replace_args(hf_model_args_of(adapter, model_name, hf_config, str(hf_dir)), arg_overrides,
+                        where="from_pretrained")
 
     model = spec.build_initialized(args, device=device)
     state_dict = {name: tensor.float() for name, tensor in adapter.from_hf(hf_state_dict, args).items()}
@@ -239,7 +302,8 @@ def export_checkpoint_to_hf(
     hf_state_dict = adapter.to_hf(state_dict, args)
     if dtype is not None:
         hf_state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in hf_state_dict.items()}
-    save_hf_folder(out_dir, adapter.hf_config_from_args(args), hf_state_dict, max_shard_bytes=max_shard_bytes)
+    save_hf_folder(out_dir, adapter.hf_config_from_args(args), hf_state_dict, max_shard_bytes=max_shard_bytes,
+                   weights_name=getattr(adapter, "hf_weights_name", WEIGHTS_NAMES[0]))
 
 
 def write_tokenizer_files(out_dir: str | os.PathLike[str], tokenizer: Any, *, max_length: int | None = None) -> None:
@@ -257,10 +321,16 @@ def write_tokenizer_files(out_dir: str | os.PathLike[str], tokenizer: Any, *, ma
         tokenizer_config["model_max_length"] = max_length
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id}
     config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+    generation: dict[str, Any] = {**ids, "do_sample": False}
+    model_vocab = config.get("vocab_size")
+    if isinstance(model_vocab, int) and model_vocab > tokenizer.vocab_size:
+        # Rows that pad the vocabulary were masked out of training (never pushed down):
+        # transformers must not sample them either.
+        generation["suppress_tokens"] = list(range(tokenizer.vocab_size, model_vocab))
     documents = {
         "tokenizer_config.json": tokenizer_config,
         "special_tokens_map.json": special,
-        "generation_config.json": {**ids, "do_sample": False},
+        "generation_config.json": generation,
         CONFIG_FILE: {**config, **ids},
     }
     for name, document in documents.items():

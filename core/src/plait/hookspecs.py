@@ -91,7 +91,9 @@ def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
 def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
     """Declare what this plugin needs from the core for this run: a ``RunNeeds`` (how many
     parts it cuts each sequence into, whether it applies the compute dtype itself, whether
-    compiled blocks must allow graph breaks), or None. collect-all; the core combines the
+    compiled blocks must allow graph breaks, which device capabilities it requires), or
+    None. A required capability the device lacks refuses the run before any work, naming
+    the plugin, the device and the capability (docs/hardware.md). collect-all; the core combines the
     answers (``RunNeeds.combine``) and acts on them, so it never asks which plugin is on.
     """
 
@@ -115,10 +117,12 @@ def plait_validate(
 
 @hookspec(firstresult=True)
 def plait_device(config: JobConfig) -> DeviceInfo | None:
-    """Return the device type, communication backend and peak FLOPs to use.
+    """Return the device type, communication backend, peak FLOPs and capabilities
+    (``plait.capabilities.Capabilities``) to use.
 
-    first result wins. The core answers for cpu and cuda; a vendor plugin (rocm) answers
-    first for its hardware by returning a ``DeviceInfo``.
+    first result wins. The core answers for cpu and NVIDIA GPUs; a vendor plugin (rocm)
+    answers first for its hardware by returning a ``DeviceInfo``, and None elsewhere.
+    Resolved once per run (``job.device``).
     """
 
 
@@ -259,7 +263,19 @@ def plait_train_step(ctx: StepContext) -> torch.Tensor | None:
     """One whole optimizer step (all micro-batches, clipping, optimizer step); returns the
     step's summed loss (also in ``ctx.results["loss"]``). replace or wrap: the core's
     implementation runs last; wrap it (``wrapper=True``) for fault tolerance, profiling
-    or timing, or replace it by returning the loss yourself."""
+    or timing, or replace it by returning the loss yourself. A wrapper may set
+    ``ctx.batches`` before it yields to feed the step micro-batches of its own
+    (``grad_accumulation_steps`` of them, on the device): the rl experiment's rollouts."""
+
+
+@hookspec
+def plait_gradients_ready(ctx: StepContext) -> None:
+    """The step's gradients are complete on this rank: every micro-batch ran forward and
+    backward, and they are reduced over this job's data-parallel ranks; nothing was
+    clipped yet. ``ctx.results["loss"]`` holds the step's loss. collect-all. Reduce them
+    further here across ranks outside this job's mesh (torchft averages gradients and
+    the loss over its replica groups, in place), so that clipping and the grad norm see
+    the final gradients."""
 
 
 @hookspec

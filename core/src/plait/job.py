@@ -17,7 +17,7 @@ from plait.config import JobConfig
 from plait.errors import ConfigError
 from plait.model_spec import ModelSpec
 from plait.parallel_dims import DEGREE_NAMES, ParallelDims
-from plait.train_state import CombinedNeeds, RunNeeds
+from plait.train_state import CombinedNeeds, DeviceInfo, RunNeeds
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,8 @@ class Job:
     grad_accumulation_steps: int
     needs: CombinedNeeds
     """What the enabled plugins declared for this run, combined."""
+    device: DeviceInfo
+    """The device this run trains on (hook ``plait_device``), with its capabilities."""
 
     @property
     def hook(self) -> Any:
@@ -50,8 +52,13 @@ class Job:
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step over all data-parallel ranks."""
         training = self.config.training
-        return (self.grad_accumulation_steps * training.local_batch_size * training.seq_len
+        return (self.grad_accumulation_steps * training.local_batch_size * self.tokens_per_sample
                 * self.parallel_dims.dp_degree)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Positions the model processes per sample (--training.seq_len for a token model)."""
+        return self.spec.sample_tokens(self.config, self.model_args)
 
     @functools.cached_property
     def meta_model(self) -> nn.Module:
@@ -79,7 +86,9 @@ class Job:
         for part in parts:
             configure_moe_layers(part, aux_loss_coeff=config.moe.aux_loss_coeff, aux_loss_type=config.moe.aux_loss_type,
                                  grad_accumulation_steps=self.grad_accumulation_steps, dispatcher=dispatcher,
-                                 sequence_group=None if cp_mesh is None else cp_mesh.get_group())
+                                 sequence_group=None if cp_mesh is None else cp_mesh.get_group(),
+                                 grouped_mm=self.device.capabilities.grouped_mm,
+                                 group_alignment=self.needs.moe_group_alignment)
             hook.plait_apply_tensor_parallel(model=part, **common)
             hook.plait_apply_expert_parallel(model=part, **common)
             hook.plait_apply_context_parallel(model=part, **common)
@@ -89,26 +98,34 @@ class Job:
         return parts, pipeline
 
 
-def resolve_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, world_size: int) -> Job:
-    """Every check that can run before any work, once; the resolved run."""
+def resolve_job(config: JobConfig, plugins: PluginManager, spec: ModelSpec, world_size: int,
+                device: DeviceInfo | None = None) -> Job:
+    """Every check that can run before any work, once; the resolved run. ``device``: the
+    device to check against (tests); by default the ``plait_device`` hook's answer."""
     config.validate()
     if config.compile.enable:
         check_compile_backend(config.compile.backend)
     parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
     check_capabilities(parallel_dims, plugins)
-    return resolve_with_plugins(config, plugins, spec, parallel_dims)
+    return resolve_with_plugins(config, plugins, spec, parallel_dims, device=device)
 
 
 def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelSpec,
-                         parallel_dims: ParallelDims) -> Job:
-    """The plugins' part of ``resolve_job``: the model args of this run, the declared needs,
-    every ``plait_validate``, then the sequence length the needs imply."""
+                         parallel_dims: ParallelDims, device: DeviceInfo | None = None) -> Job:
+    """The plugins' part of ``resolve_job``: the model args of this run, the device, the
+    declared needs and the device capabilities they require, every ``plait_validate``,
+    then the sequence length the needs imply."""
+    from plait.capabilities import check_requirements
+
     declared_model_args = resolve_model_args(spec, config)
     model_args = spec.follow_seq_len(declared_model_args, config.training.seq_len)
-    needs = RunNeeds.combine(
-        [need for need in plugins.hook.plait_run_needs(config=config, parallel_dims=parallel_dims, model_spec=spec)
-         if need is not None]
-    )
+    if device is None:
+        device = plugins.hook.plait_device(config=config)
+    needs_by_plugin = [(name, need) for name, need in plugins.results_by_plugin(
+        "plait_run_needs", config=config, parallel_dims=parallel_dims, model_spec=spec) if need is not None]
+    check_requirements(device, [(name, need.requires, need.requires_fix) for name, need in needs_by_plugin])
+    needs = RunNeeds.combine([need for _, need in needs_by_plugin])
+    parallel_dims.replica_groups, parallel_dims.replica_group = needs.replica_groups, needs.replica_group
     job = Job(
         config=config,
         plugins=plugins,
@@ -118,6 +135,7 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
         parallel_dims=parallel_dims,
         grad_accumulation_steps=grad_accumulation_steps(config, parallel_dims),
         needs=needs,
+        device=device,
     )
     plugins.hook.plait_validate(config=config, parallel_dims=parallel_dims, model_spec=spec, job=job)
     check_sequence_length(config.training.seq_len, needs)
@@ -148,7 +166,51 @@ def resolve_model_args(spec: ModelSpec, config: JobConfig) -> Any:
                 )
             model.flavor = DEFAULT_FLAVOR
         args = spec.args_for(model.flavor)
-    return replace_args(args, model.args)
+    if model.args:
+        args = replace_args(args, model.args)
+        _check_buildable(spec, args, model.args)
+    return _with_tokenizer_vocabulary(spec, config, args)
+
+
+def padded_vocabulary(tokens: int, multiple: int) -> int:
+    return -(-tokens // multiple) * multiple
+
+
+def _with_tokenizer_vocabulary(spec: ModelSpec, config: JobConfig, args: Any) -> Any:
+    """Trained from scratch, the vocabulary is the tokenizer's, padded; a checkpoint's (or
+    one set with --model.args) must hold the tokenizer's ids."""
+    from plait.data import build_tokenizer
+    from plait.model_args import replace_args
+
+    if spec.vocab_arg is None or not spec.token_inputs:
+        return args
+    tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token, eos_token=config.data.eos_token)
+    model = config.model
+    if not model.hf_dir and spec.vocab_arg not in model.args and model.vocab == "tokenizer":
+        return replace_args(args, {spec.vocab_arg: padded_vocabulary(tokenizer.vocab_size, model.vocab_multiple)})
+    vocab = getattr(args, spec.vocab_arg)
+    if tokenizer.vocab_size > vocab:
+        source = (f"--model.args.{spec.vocab_arg}" if spec.vocab_arg in model.args
+                  else f"the checkpoint {model.hf_dir}" if model.hf_dir else f"the flavor {model.flavor}")
+        raise ConfigError(
+            f"the tokenizer {config.data.tokenizer or '(embedded)'} has {tokenizer.vocab_size:,} tokens, more than "
+            f"the vocabulary of {vocab:,} that {source} gives model {spec.name!r}: its ids past {vocab - 1} would "
+            f"have no embedding. Use the tokenizer the checkpoint was trained with (--data.tokenizer), or train "
+            f"from scratch (without --model.hf_dir), where the vocabulary follows the tokenizer"
+        )
+    return args
+
+
+def _check_buildable(spec: ModelSpec, args: Any, overrides: dict[str, Any]) -> None:
+    """Overridden args build a model (on the meta device: nothing is allocated); a size of
+    zero or below fails here with the overrides named, not deep in the model's code."""
+    try:
+        spec.build_meta(args)
+    except (RuntimeError, ValueError, TypeError, ArithmeticError, AssertionError) as error:
+        given = ", ".join(f"--model.args.{name} {value}" for name, value in overrides.items())
+        raise ConfigError(f"the model {spec.name!r} cannot be built with {given} ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); sizes and head counts must be "
+                          "positive and fit together") from None
 
 
 def _check_flavor_matches(spec: ModelSpec, flavor: str, checkpoint_args: Any, hf_dir: str, seq_len: int) -> None:
@@ -172,21 +234,11 @@ def _check_flavor_matches(spec: ModelSpec, flavor: str, checkpoint_args: Any, hf
 
 def hf_model_args(spec: ModelSpec, hf_dir: str) -> Any:
     """The model args that an HF folder's ``config.json`` describes."""
-    from plait.hf import read_hf_config
+    from plait.hf import hf_model_args_of, read_hf_config
 
     if spec.hf_adapter is None:
         raise ConfigError(f"model {spec.name!r} has no Hugging Face adapter; drop --model.hf_dir")
-    hf_config = read_hf_config(hf_dir)
-    architectures = hf_config.get("architectures") or []
-    if architectures and not set(architectures) & set(spec.hf_adapter.hf_architectures):
-        raise ConfigError(
-            f"{hf_dir} holds a {', '.join(architectures)} checkpoint; model {spec.name!r} reads "
-            f"{', '.join(spec.hf_adapter.hf_architectures)}"
-        )
-    try:
-        return spec.hf_adapter.args_from_hf_config(hf_config)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"{hf_dir}/config.json does not describe a {spec.name} model: {error!r}") from None
+    return hf_model_args_of(spec.hf_adapter, spec.name, read_hf_config(hf_dir), hf_dir)
 
 
 def check_compile_backend(backend: str) -> None:

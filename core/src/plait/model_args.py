@@ -39,8 +39,8 @@ def replace_args(args: Any, overrides: dict[str, Any], *, where: str = "--model.
         changes[name] = value
     try:
         return dataclasses.replace(args, **changes)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from None
+    except (TypeError, ValueError, ArithmeticError) as error:
+        raise ConfigError(f"{where}: {error} (sizes and head counts must be positive integers)") from None
 
 
 def differing_fields(left: Any, right: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

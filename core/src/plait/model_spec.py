@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 
 class HFAdapter(Protocol):
-    """Converts between plait's and Hugging Face's names, configs and tensors."""
+    """Converts between plait's and Hugging Face's names, configs and tensors. An adapter
+    may set ``hf_weights_name`` (default ``"model"``: ``model.safetensors``) to the file
+    stem its library reads, e.g. ``"diffusion_pytorch_model"`` for diffusers."""
 
     #: HF ``architectures`` entries this adapter reads, e.g. ("LlamaForCausalLM",).
     hf_architectures: tuple[str, ...]
@@ -125,6 +127,10 @@ class ModelSpec:
     #: (``(config, model_args) -> int``), the "tokens" of throughput and of
     #: ``flops_per_token``; a token model's is ``--training.seq_len``
     tokens_per_sample: Callable[[Any, Any], int] | None = None
+    #: ``plait preprocess OUTPUT``: ``(job, output_folder) -> summary line`` runs the work
+    #: that need not repeat every step (frozen encoders, say) once over the run's dataset
+    #: and writes what the ``data_pipeline`` reads when ``--data.dataset`` names the folder
+    preprocess: Callable[[Any, str], str] | None = None
     #: plugin that registered the spec; filled in by the plugin manager
     provided_by: str = field(default="", compare=False)
 

@@ -60,6 +60,12 @@ class ParallelDims:
     pp: int = 1
     ep: int = 1
     world_size: int = 1
+    replica_groups: int = 1
+    """Data-parallel replica groups: jobs of their own (torchft's fault-tolerant groups),
+    each of ``world_size`` ranks, training the same model on other shards of every
+    global batch. Set from the plugins' ``RunNeeds``; 1: this job is the whole run."""
+    replica_group: int = 0
+    """This job's index among the replica groups."""
     _meshes: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False)
     _combined: dict[tuple[str, ...], DeviceMesh] = field(default_factory=dict, init=False, repr=False)
     _built: bool = field(default=False, init=False, repr=False)
@@ -159,8 +165,8 @@ class ParallelDims:
 
     @property
     def dp_degree(self) -> int:
-        """How many distinct data streams the run reads."""
-        return self.dp_replicate * self.dp_shard
+        """How many distinct data streams the run reads (over all replica groups)."""
+        return self.dp_replicate * self.dp_shard * self.replica_groups
 
     @property
     def efsdp(self) -> int:
@@ -175,9 +181,11 @@ class ParallelDims:
         return [name for name in (*DENSE_DIMS, "ep") if getattr(self, name) > 1]
 
     def dp_rank(self) -> int:
-        """This rank's data-parallel index (which data stream it reads); 0 without a mesh."""
+        """This rank's data-parallel index (which data stream it reads): its index in the
+        ``dp`` mesh (0 without one), after those of the replica groups before its own."""
         dp_mesh = self._meshes.get("dp")
-        return 0 if dp_mesh is None else dp_mesh.get_local_rank()
+        in_group = 0 if dp_mesh is None else dp_mesh.get_local_rank()
+        return self.replica_group * self.dp_replicate * self.dp_shard + in_group
 
     # ------------------------------------------------------------------ meshes
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from plait.job import Job
 from plait.memory_watch import MemoryWatch
@@ -47,6 +48,10 @@ class RankPlan:
     """Peak of everything else live during one micro-batch's forward and backward:
     activations, tensors saved for backward, gathered parameters, gradients as they are
     produced, temporaries. None when it could not be measured (see ``note``)."""
+    all_gather_bytes: int = 0
+    """Bytes this rank's all-gathers produce during one micro-batch's forward and backward
+    (FSDP's parameter gathers, tensor parallelism's): the gathered tensors as they are
+    sent, so float8 all-gather counts converted weights at 1 byte per element."""
     note: str = ""
 
     @property
@@ -108,11 +113,11 @@ def plan(job: Job, *, ranks: list[int] | None = None) -> Plan:
         layout=parallel_dims.describe(),
         meshes={},
         total_parameters=total_parameters,
-        seq_len=config.training.seq_len,
+        seq_len=job.tokens_per_sample,
         local_batch_size=config.training.local_batch_size,
         grad_accumulation_steps=accumulation,
         tokens_per_step=job.tokens_per_step,
-        flops_per_token=spec.flops_per_token(model_args, config.training.seq_len),
+        flops_per_token=spec.flops_per_token(model_args, job.tokens_per_sample),
         activation_checkpoint=config.activation_checkpoint.mode,
         dtype=config.training.dtype,
     )
@@ -193,8 +198,8 @@ def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None,
             lr_scheduler=None, loss_fn=spec.loss_fn or token_cross_entropy, grad_accumulation_steps=accumulation,
             needs=job.needs, hook=job.hook, pipeline=pipeline,
         )
-        watch = MemoryWatch()
-        with watch:
+        watch, gathers = MemoryWatch(), AllGatherBytes()
+        with watch, gathers:
             watch.adopt([*parameters, *(b for part in parts for b in part.buffers())])
             before = watch.live_bytes
             watch.reset_peak()
@@ -204,7 +209,37 @@ def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None,
             else:
                 plan.note = _pipeline_step(ctx, pipeline, watch, spec, model_args)
         plan.step_peak_bytes = watch.peak_bytes - before
+        plan.all_gather_bytes = gathers.bytes
         return plan
+
+
+#: Operator namespaces of torch's collectives: c10d's in-place ones and the functional ones.
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
+
+
+class AllGatherBytes(TorchDispatchMode):
+    """Sums the bytes of the outputs of every all-gather run under it (c10d's in-place
+    operators and the functional ones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        result = func(*args, **(kwargs or {}))
+        namespace, _, name = func.name().partition("::")
+        if namespace in COLLECTIVE_NAMESPACES and ("all_gather" in name or "allgather" in name):
+            gathered = args[0] if namespace == "c10d" else result  # c10d's operators write into args[0]
+            self.bytes += sum(t.numel() * t.element_size() for t in _tensors(gathered))
+        return result
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 def _tokens(model_args: Any, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,6 +358,8 @@ def format_plan(plan: Plan, *, device_memory_gib: float = 0.0) -> str:
             f"    step peak           {'':>16}  {_size(rank.step_peak_bytes):>12}   activations, saved tensors, "
             "gathered parameters, gradients and temporaries of one micro-batch",
             f"    estimated peak      {'':>16}  {_size(rank.peak_bytes):>12}",
+            f"    all-gathered        {'':>16}  {_size(rank.all_gather_bytes):>12}   per micro-batch (float8 "
+            "all-gather: converted weights at 1 byte per element)",
         ]
         if rank.note:
             lines.append(f"    note: {rank.note}")

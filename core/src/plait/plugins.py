@@ -237,6 +237,15 @@ class PluginManager:
             self._hook_of(name, "plait_register_models")(register=collect(name))
         return specs
 
+    def results_by_plugin(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """(plugin name, result) of each implementation of the collect-all hook ``hook_name``
+        that returns something, for checks whose messages must name the plugin."""
+        implementations = getattr(self._pm.hook, hook_name).get_hookimpls()
+        results = []
+        for name in dict.fromkeys(impl.plugin_name for impl in implementations):
+            results += [(name, result) for result in self._hook_of(name, hook_name)(**kwargs)]
+        return results
+
     def _hook_of(self, plugin_name: str, hook_name: str) -> Any:
         """``hook_name`` restricted to one plugin's implementation, called through pluggy
         (so tracing sees it), for registration hooks that must know who registered what."""

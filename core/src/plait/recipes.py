@@ -30,8 +30,10 @@ def debug_recipe(model: str, flavor: str, description: str) -> JobConfig:
 def pretraining_recipe(model: str, flavor: str, *, lr: float, steps: int, seq_len: int) -> JobConfig:
     """A published size on GPUs: bf16 with fp32 master weights, fused AdamW (weight decay
     0.1), 200 warmup steps then cosine decay to 10 %, clipping at 1, selective activation
-    checkpointing, compiled blocks, one sequence per rank."""
+    checkpointing, compiled blocks, one sequence per rank. The vocabulary is the published
+    one (for the model's own tokenizer, --data.tokenizer), not the tokenizer's padded size."""
     config = recipe(model, flavor, f"{model} {flavor} pretraining")
+    config.model.vocab = "flavor"
     config.training.seq_len = seq_len
     config.training.local_batch_size = 1
     config.training.steps = steps

@@ -10,29 +10,20 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.errors import ConfigError, PlaitError, TrainingDivergedError
+from plait.errors import ConfigError, DataError, PlaitError, TrainingDivergedError
 from plait.job import Job
+from plait.launch import check_memory_fits, is_out_of_memory, join_process_group, rank_from_env
 from plait.profiling import StepProfiler, StepTimes
-from plait.step import compiled_loss, token_cross_entropy
+from plait.step import compiled_loss, token_cross_entropy, without_padded_vocabulary
 from plait.train_state import DeviceInfo, StepContext
 
 logger = logging.getLogger("plait")
-
-
-def world_size_from_env() -> int:
-    """The number of processes torchrun (or Slurm through it) started; 1 without a launcher."""
-    value = os.environ.get("WORLD_SIZE", "1")
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ConfigError(f"the environment variable WORLD_SIZE must be a positive integer (torchrun sets it), "
-                          f"got {value!r}: unset it for one process, or launch with torchrun --nproc_per_node N")
-    return int(value)
 
 
 @dataclass
@@ -114,8 +105,9 @@ class Trainer:
         self.spec = spec
         self.hook = job.hook
         self.parallel_dims = job.parallel_dims
-        self.device_info: DeviceInfo = self.hook.plait_device(config=config)
+        self.device_info: DeviceInfo = job.device
         self.device = self._init_distributed()
+        check_memory_fits(job, self.device)
         self._seed()
 
         pd = self.parallel_dims
@@ -129,9 +121,24 @@ class Trainer:
 
             self.validator = Validator(config, self.tokenizer, dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree,
                                        device=self.device, pipeline=spec.data_pipeline, model_args=self.model_args)
-        self._check_vocab()
-        self.model_parts, self.pipeline = self._build_model()
+        self.samples = None
+        if config.training.sample_interval:
+            from plait.training_samples import TrainingSamples
+
+            self.samples = TrainingSamples(config, self.tokenizer, device=self.device, world_size=pd.world_size,
+                                           max_len=getattr(job.model_args, spec.seq_len_arg or "", None))
+        try:
+            self.model_parts, self.pipeline = self._build_model()
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            raise PlaitError(f"building the model ran out of {self.device.type} memory "
+                             f"({str(error).splitlines()[0]}): choose a smaller model, lower --training.seq_len "
+                             "(it sets the RoPE table's length), or shard over more ranks") from None
         self.loss_fn = spec.loss_fn or token_cross_entropy
+        model_vocab = getattr(self.model_args, spec.vocab_arg or "", None)
+        if self.tokenizer is not None and model_vocab is not None and self.tokenizer.vocab_size < model_vocab:
+            self.loss_fn = without_padded_vocabulary(self.loss_fn, self.tokenizer.vocab_size)
         if config.compile.enable:
             self.loss_fn = compiled_loss(self.loss_fn, backend=config.compile.backend)
 
@@ -177,8 +184,9 @@ class Trainer:
             flops_per_token=spec.flops_per_token(self.model_args, job.tokens_per_sample),
             peak_flops=self.device_info.peak_flops,
             device_type=self.device.type,
+            memory_stats=self.device_info.capabilities.memory_stats,
             is_logging_rank=self.rank == 0,
-            num_devices=pd.world_size,
+            num_devices=pd.world_size * pd.replica_groups,  # tokens count every replica group
         )
 
     # ----------------------------------------------------------------------- setup
@@ -190,7 +198,7 @@ class Trainer:
     def _init_distributed(self) -> torch.device:
         info = self.device_info
         if info.type == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            local_rank = rank_from_env("LOCAL_RANK")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         else:
@@ -198,10 +206,7 @@ class Trainer:
         pd = self.parallel_dims
         if pd.world_size > 1:
             if not dist.is_initialized() and not self.hook.plait_init_process_group(config=self.config, device=info):
-                dist.init_process_group(
-                    backend=f"{device.type}:{info.backend}",
-                    timeout=timedelta(seconds=self.config.job.pg_timeout_seconds),
-                )
+                join_process_group(f"{device.type}:{info.backend}", self.config.job.pg_timeout_seconds)
             pd.build_mesh(device.type)
             self.hook.plait_mesh_built(parallel_dims=pd, config=self.config)
         return device
@@ -233,15 +238,6 @@ class Trainer:
                                   dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree)
         return tokenizer, loader
 
-    def _check_vocab(self) -> None:
-        model_vocab = getattr(self.model_args, "vocab_size", None)
-        if self.tokenizer is not None and model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
-            raise ConfigError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model "
-                f"{self.spec.name}/{self.config.model.flavor} has a vocabulary of {model_vocab}: "
-                "use a tokenizer that fits the model (--data.tokenizer) or a matching flavor"
-            )
-
     def _build_model(self) -> tuple[list[nn.Module], Any]:
         config, pd = self.config, self.parallel_dims
         parts, pipeline = self.job.build_model_parts(self.device)
@@ -256,7 +252,9 @@ class Trainer:
                 self._load_reference_weights(part, reference)
             part.train()
         n_params = sum(p.numel() for part in parts for p in part.parameters())
-        logger.info("model %s/%s: %s parameters", self.spec.name, config.model.flavor, f"{n_params:,}")
+        shape = config.model.flavor or f"the shape of {config.model.hf_dir}"
+        overrides = "".join(f", {name}={value}" for name, value in config.model.args.items())
+        logger.info("model %s (%s%s): %s parameters", self.spec.name, shape, overrides, f"{n_params:,}")
         return parts, pipeline
 
     def _sharded_rng_supported(self) -> bool:
@@ -335,6 +333,25 @@ class Trainer:
         self._end_hooks(result=result, error=None)
         return result
 
+    def _record_run(self) -> None:
+        """The batch, the config and schedule warnings, once at the start of the run."""
+        import dataclasses
+
+        from plait.model_args import args_to_dict
+        from plait.optim import schedule_warnings
+
+        config, job = self.config, self.job
+        document = {"plugins": list(job.plugins.enabled), **config.to_dict()}
+        if dataclasses.is_dataclass(self.model_args):
+            document["model_args"] = args_to_dict(self.model_args)
+        local, dp, accumulation = config.training.local_batch_size, self.parallel_dims.dp_degree, job.grad_accumulation_steps
+        batch = {"local_sequences": local, "dp_degree": dp, "accumulation_steps": accumulation,
+                 "global_sequences": local * dp * accumulation, "global_tokens": job.tokens_per_step}
+        self.metrics.record_run(self.resumed_from + 1, config=document, batch=batch)
+        if self.rank == 0:
+            for warning in schedule_warnings(config.lr_scheduler, config.training.steps):
+                logger.warning(warning)
+
     def _end_hooks(self, *, result: TrainResult | None, error: BaseException | None) -> None:
         try:
             self.hook.plait_train_end(config=self.config, result=result, error=error)
@@ -349,6 +366,7 @@ class Trainer:
         result = TrainResult(last_step=self.resumed_from)
         if self.resumed_from:
             logger.info("resumed from step %d", self.resumed_from)
+        self._record_run()
         if self.resumed_from >= total_steps:
             logger.warning(
                 "the checkpoint of step %d is at or past --training.steps %d: nothing to train. "
@@ -357,17 +375,26 @@ class Trainer:
         tokens_per_step = self.job.tokens_per_step // pd.dp_degree  # on this rank
         batches = self.batches()
         profiler = StepProfiler(config.profiling, dump_folder=config.job.dump_folder, rank=self.rank,
-                                device_type=self.device.type, first_step=self.resumed_from + 1)
+                                device_type=self.device.type, first_step=self.resumed_from + 1,
+                                memory_stats=self.device_info.capabilities.memory_stats)
         with _StopRequest() as stop, profiler:
-            for step in range(self.resumed_from + 1, total_steps + 1):
+            step = self.resumed_from
+            while step < total_steps:
+                step += 1
                 start = time.perf_counter()
                 self.step_times.reset()
                 ctx = self._step_context(step, batches=batches)
                 lr = self.lr_scheduler.get_last_lr()[0]
+                before_step = self._data_and_rng_state()
                 try:
                     step_loss = self.hook.plait_train_step(ctx=ctx)
-                except torch.OutOfMemoryError as error:
+                except RuntimeError as error:  # CPU allocators report memory exhaustion as a RuntimeError
+                    if not is_out_of_memory(error):
+                        raise
                     raise self._out_of_memory(step, profiler, error) from None
+                except DataError as error:
+                    raise self._bad_data(step, before_step, error) from None
+                step = ctx.step  # a plugin that loaded a live peer's state (healing) moves the run on
                 with self.step_times.syncing():
                     loss = self._global_mean(step_loss)
                     grad_norm = float(ctx.results["grad_norm"])
@@ -378,8 +405,10 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 metrics = self.metrics.record_step(
                     step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step * pd.dp_degree, seconds=seconds,
+                    tokens_seen=self.train_state.tokens_seen, data_wait_seconds=self.step_times.data_wait,
                     extra=ctx.results.get("metrics"),
                     details={**ctx.results.get("metric_details", {}), **self.step_times.as_metrics(),
+                         **self._skipped_rows(),
                              **{f"data/share/{os.path.basename(label.rstrip('/')) or label}": share
                                 for label, share in self._source_shares().items()}},
                 )
@@ -387,6 +416,8 @@ class Trainer:
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
                 if self.validator is not None and self.validator.due(step, total_steps):
                     result.validation_losses[step] = self._validate(step)
+                if self.samples is not None and self.samples.due(step, total_steps):
+                    self._log_samples(step)
                 result.losses[step] = loss
                 result.grad_norms[step] = grad_norm
                 result.last_step = step
@@ -415,6 +446,13 @@ class Trainer:
             self.hook.plait_log_metrics(step=step, metrics=outcome.metrics(), config=self.config)
         return outcome.loss
 
+    def _log_samples(self, step: int) -> None:
+        assert self.samples is not None
+        samples = self.samples.run(self.model_parts[0])
+        self.metrics.log_text("\n".join([f"step {step}  greedy samples:",
+                                          *(f"  {prompt!r} -> {text!r}" for prompt, text in samples)]))
+        self.metrics.record_text(step, "samples", "\n\n".join(f"**{prompt}**{text}" for prompt, text in samples))
+
     def _step_context(self, step: int, *, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None) -> StepContext:
         return StepContext(
             step=step,
@@ -429,6 +467,7 @@ class Trainer:
             pipeline=self.pipeline,
             batches=batches,
             hook=self.hook,
+            checkpointer=self.checkpointer,
         )
 
     def _out_of_memory(self, step: int, profiler: StepProfiler, error: Exception) -> PlaitError:
@@ -440,6 +479,35 @@ class Trainer:
             "full, or shard over more ranks; `plait plan` estimates the memory of a layout"
             + profiler.out_of_memory(step)
         )
+
+    def _data_and_rng_state(self) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """Where the data and the RNG stand before a step, to save the last finished step
+        if the step's data turns out bad (the token loader, which reads rows that can be
+        bad; its state is a few numbers)."""
+        from plait.data import TokenLoader
+
+        if not self.config.checkpoint.enable or not isinstance(self.dataloader, TokenLoader):
+            return None
+        return self.dataloader.state_dict(), torch.get_rng_state()
+
+    def _bad_data(self, step: int, before_step: tuple[dict[str, Any], torch.Tensor] | None,
+                  error: DataError) -> DataError:
+        """A bad row stops the run, but not before the last finished step is saved (its
+        data position rewound to the start of the failed step): nothing trained is lost."""
+        finished = step - 1
+        saved = "no step was finished, nothing to save"
+        if before_step is not None and finished > 0:
+            data_state, rng = before_step
+            self.dataloader.load_state_dict(data_state)
+            torch.set_rng_state(rng)
+            self.hook.plait_checkpoint_save(checkpointer=self.checkpointer, step=finished, force=True)
+            self.checkpointer.wait()
+            saved = f"checkpoint step {finished} is saved; resume with the same command once the data is fixed"
+        return DataError(f"step {step}: the training data has a bad row: {error} ({saved})")
+
+    def _skipped_rows(self) -> dict[str, float]:
+        skipped = getattr(self.dataloader, "skipped_rows", 0)
+        return {"data/bad_rows_skipped": float(skipped)} if skipped else {}
 
     def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
         from plait.checkpoint import list_checkpoints

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from plait.capabilities import CPU_CAPABILITIES, Capabilities
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -17,10 +19,12 @@ class DeviceInfo:
     type: str
     """torch device type: "cpu", "cuda" (also ROCm builds of torch)."""
     backend: str
-    """torch.distributed backend: "gloo", "nccl", ..."""
+    """torch.distributed backend: "gloo", "nccl" (also on ROCm, where RCCL implements it), ..."""
     peak_flops: float
-    """Peak dense FLOP/s of one device at the training dtype, for MFU."""
+    """Peak dense FLOP/s of one device at the training dtype, for MFU (0: unknown)."""
     name: str = ""
+    capabilities: Capabilities = field(default_factory=lambda: CPU_CAPABILITIES)
+    """What the device can do (``plait.capabilities``); every feature gate asks it."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -40,17 +44,44 @@ class RunNeeds:
     (hooks of an FSDP unit inside the block): the core compiles blocks allowing graph breaks."""
     reason: str = ""
     """For messages: what the plugin does, e.g. "sequence parallelism over tp 2"."""
+    requires: tuple[str, ...] = ()
+    """Device capabilities this run needs with the plugin's options (names from
+    ``plait.capabilities.CAPABILITY_NAMES``, e.g. "float8_matmul"). The core refuses the
+    run up front, naming the plugin, the device and each missing capability."""
+    requires_fix: str = ""
+    """For that refusal: how to run without them, e.g. "drop --tp.async_tp"."""
+    replica_groups: int = 1
+    """The plugin runs this job as one of this many data-parallel replica groups, each a
+    job of its own (torchft's fault-tolerant groups): every global batch is sharded over
+    all of them (``ParallelDims.replica_groups``). At most one plugin may declare it."""
+    replica_group: int = 0
+    """This job's index among the replica groups, 0 .. replica_groups - 1."""
+    moe_group_alignment: int = 1
+    """Every MoE layer pads each expert's group of rows to a multiple of this before its
+    experts run, whatever the dispatcher (low-precision expert kernels quantize blocks of
+    rows: 32 for mxfp8, 16 for float8). Plugins' alignments combine to their lcm."""
 
     @staticmethod
     def combine(needs: list[RunNeeds]) -> CombinedNeeds:
         splits = 1
         for need in needs:
             splits *= need.sequence_splits
+        grouped = [need for need in needs if need.replica_groups > 1]
+        if len(grouped) > 1:
+            from plait.errors import ConfigError
+
+            raise ConfigError(f"two plugins run this job as replica groups ({grouped[0].reason or '?'}; "
+                              f"{grouped[1].reason or '?'}): enable only one of them")
+        import math
+
         return CombinedNeeds(
+            moe_group_alignment=math.lcm(1, *(need.moe_group_alignment for need in needs)),
             sequence_splits=splits,
             applies_compute_dtype=any(need.applies_compute_dtype for need in needs),
             compile_fullgraph=all(need.compile_fullgraph for need in needs),
             split_reasons=tuple(need.reason for need in needs if need.sequence_splits > 1 and need.reason),
+            replica_groups=grouped[0].replica_groups if grouped else 1,
+            replica_group=grouped[0].replica_group if grouped else 0,
         )
 
 
@@ -62,6 +93,9 @@ class CombinedNeeds:
     applies_compute_dtype: bool = False
     compile_fullgraph: bool = True
     split_reasons: tuple[str, ...] = ()
+    replica_groups: int = 1
+    replica_group: int = 0
+    moe_group_alignment: int = 1
 
 
 @dataclass(kw_only=True)
@@ -93,8 +127,9 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    #: current micro-batch (set before each forward/backward)
-    inputs: torch.Tensor | None = None
+    #: current micro-batch (set before each forward/backward): tokens, or a model's own
+    #: named inputs (``plait.data.batch.TensorBatch``) when its spec has a data pipeline
+    inputs: Any = None
     labels: torch.Tensor | None = None
     #: the loss of each micro-batch is divided by this (gradient accumulation)
     grad_accumulation_steps: int = 1
@@ -107,6 +142,12 @@ class StepContext:
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
     #: the plugin manager's hook relay, for hooks called inside the step
     hook: Any = None
+    #: the run's ``CheckpointManager``: what a checkpoint holds (``model_parts``,
+    #: ``optimizer``, ``lr_scheduler`` and ``states``: data loader, train state, plugins'
+    #: states). A plugin that loads a live state inside ``plait_train_step`` (torchft's
+    #: healing from a peer) reads and loads it through this, then sets ``step`` to the
+    #: step it trains: the loop continues from there.
+    checkpointer: Any = None
     #: filled by the step: summed loss, grad norm, ...; hooks may add scalars to log under
     #: "metrics" (console and TensorBoard) and "metric_details" (TensorBoard only)
     results: dict[str, Any] = field(default_factory=dict)

@@ -1,7 +1,8 @@
 """Validation: the mean loss (and perplexity) of held-out data at chosen steps.
 
 Every pass reads the same batches from the start of the held-out data: ``--validation.
-dataset`` or the ``--data.held_out_share`` that training never reads. Each batch runs
+dataset`` or the ``--data.held_out_share`` that training never reads (a model with its own
+data pipeline builds it with ``held_out=True``, and reports no perplexity). Each batch runs
 forward only (``plait_evaluate``: the pipeline plugin runs its schedule's forward pass),
 in eval mode, inside the plugins' step contexts (context-parallel sharding, loss
 parallelism, autocast), so every layout computes the loss one process would. Nothing of
@@ -13,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from plait.config import DataSection, JobConfig
+from plait.data.batch import DataRequest
 from plait.data.loader import TokenLoader
 from plait.data.sources import DocumentSource, build_source
 from plait.data.tokenizer import Tokenizer
@@ -31,14 +34,20 @@ class ValidationResult:
     step: int
     loss: float
     seconds: float
+    token_loss: bool = True
+    """A cross-entropy over tokens, whose exponential is a perplexity."""
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.loss) if self.loss < 700 else math.inf
 
     def metrics(self) -> dict[str, float]:
-        return {"validation/loss": self.loss, "validation/perplexity": self.perplexity,
-                "validation/seconds": self.seconds}
+        perplexity = {"validation/perplexity": self.perplexity} if self.token_loss else {}
+        return {"validation/loss": self.loss, **perplexity, "validation/seconds": self.seconds}
+
+    def console(self) -> str:
+        perplexity = f"  perplexity {self.perplexity:,.2f}" if self.token_loss else ""
+        return f"step {self.step}  validation loss {self.loss:.4f}{perplexity}  ({self.seconds:.2f} s)"
 
 
 def validation_data(config: JobConfig) -> tuple[DataSection, bool]:
@@ -55,28 +64,32 @@ def validation_data(config: JobConfig) -> tuple[DataSection, bool]:
 class Validator:
     """Runs validation passes of a run; built (and its data checked) before training starts."""
 
-    def __init__(self, config: JobConfig, tokenizer: Tokenizer, *, dp_rank: int, dp_world_size: int,
-                 device: torch.device) -> None:
+    def __init__(self, config: JobConfig, tokenizer: Tokenizer | None, *, dp_rank: int, dp_world_size: int,
+                 device: torch.device, pipeline: Callable[[DataRequest], Iterator[Any]] | None = None,
+                 model_args: Any = None) -> None:
+        """Reads held-out tokens with ``tokenizer``, or, given a model's ``pipeline``
+        (``ModelSpec.data_pipeline``), the batches it builds for ``held_out=True``."""
         section = config.validation
         self.interval = section.interval
         self.steps = section.steps
         self.device = device
-        data, held_out = validation_data(config)
-        self._source: DocumentSource = build_source(data, held_out=held_out)
-        self._loader_options = dict(
-            seq_len=config.training.seq_len,
-            local_batch_size=section.local_batch_size or config.training.local_batch_size,
-            dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
-        )
-        self._tokenizer = tokenizer
+        self.token_loss = pipeline is None
+        local_batch_size = section.local_batch_size or config.training.local_batch_size
+        if pipeline is not None:
+            request = DataRequest(config=config, model_args=model_args, local_batch_size=local_batch_size,
+                                  dp_rank=dp_rank, dp_world_size=dp_world_size, held_out=True)
+            self._loader: Callable[[], Iterator[Any]] = lambda: pipeline(request)
+        else:
+            assert tokenizer is not None
+            data, held_out = validation_data(config)
+            source: DocumentSource = build_source(data, held_out=held_out)
+            self._loader = lambda: TokenLoader(source, tokenizer, seq_len=config.training.seq_len,
+                                               local_batch_size=local_batch_size, dp_rank=dp_rank,
+                                               dp_world_size=dp_world_size)
         next(self._loader())  # an empty or unreadable held-out set fails now, not at the first pass
 
     def due(self, step: int, last_step: int) -> bool:
         return self.interval > 0 and (step % self.interval == 0 or step == last_step)
-
-    def _loader(self) -> TokenLoader:
-        return TokenLoader(self._source, self._tokenizer, **self._loader_options)
 
     def run(self, step: int, make_context: Callable[[], StepContext], mean: Callable[[torch.Tensor], float]
             ) -> ValidationResult:
@@ -99,4 +112,4 @@ class Validator:
             for part, mode in zip(parts, modes):
                 part.train(mode)
         return ValidationResult(step=step, loss=mean((total / self.steps).float()),
-                                seconds=time.perf_counter() - started)
+                                seconds=time.perf_counter() - started, token_loss=self.token_loss)

@@ -16,21 +16,42 @@ def job(dtype: str = "bfloat16") -> SimpleNamespace:
     return SimpleNamespace(training=SimpleNamespace(dtype=dtype), deepep=DeepEPConfig())
 
 
-def test_missing_library_gpu_and_dtype_are_named_together(monkeypatch):
+def test_missing_library_and_dtype_are_named_together(monkeypatch):
     monkeypatch.setattr(plugin.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ConfigError) as error:
         plugin.plait_validate(config=job("float32"), parallel_dims=SimpleNamespace(ep_enabled=True), model_spec=None)
     message = str(error.value)
-    for expected in ("the deep_ep library (not installed", "NVIDIA GPUs", "--training.dtype bfloat16",
+    for expected in ("the deep_ep library (not installed", "--training.dtype bfloat16",
                      "Drop deepep from --plugins"):  # fmt: skip
         assert expected in message
 
 
 def test_nothing_missing_passes(monkeypatch):
     monkeypatch.setattr(plugin.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     plugin.plait_validate(config=job(), parallel_dims=SimpleNamespace(ep_enabled=True), model_spec=None)
+
+
+@pytest.mark.parametrize(("device", "accepted"), [("cpu", False), ("A100", False), ("H100", True), ("B200", True)])
+def test_the_device_needs_the_deepep_capability(device, accepted, monkeypatch):
+    from plait.capabilities import simulated_device
+    from plait.config import JobConfig
+    from plait.parallel_dims import ParallelDims
+    from plait.plugins import load_model_spec
+    from plait.testing import check_plugins
+
+    monkeypatch.setattr(plugin.importlib.util, "find_spec", lambda name: object())
+    config = JobConfig()
+    config.model.name, config.model.flavor, config.training.dtype = "qwen3", "debugmodel_moe", "bfloat16"
+    config.deepep = DeepEPConfig()
+    dims = ParallelDims(ep=2, dp_shard=2, world_size=2)
+    check = lambda: check_plugins(plugin, config=config, parallel_dims=dims, model_spec=load_model_spec("qwen3"),
+                                  device=simulated_device(device))  # noqa: E731
+    if accepted:
+        assert check().device.capabilities.deepep
+        return
+    with pytest.raises(ConfigError, match=r"lacks: plugin 'plait_deepep.plugin' needs deepep \(drop deepep from "
+                                          r"--plugins to dispatch with the ep plugin's all-to-all instead\)"):
+        check()
 
 
 def test_without_expert_parallelism_is_refused():
@@ -58,7 +79,7 @@ def test_cli_refuses_deepep_on_this_machine(capsys):
     code, output = run(["plan", "--world-size", "2", "--config", "qwen3_moe_debugmodel", "--plugins", "ep,fsdp,deepep",
                         "--parallelism.ep", "2", "--training.dtype", "bfloat16"], capsys)
     assert code == 2, output
-    assert "--plugins deepep needs the deep_ep library" in output
+    assert "the cpu lacks: plugin 'deepep' needs deepep (drop deepep from --plugins" in output
 
 
 def test_deepep_without_ep_names_the_missing_plugin(capsys):

@@ -72,6 +72,18 @@ def move_aside(root: str, steps: list[int]) -> str:
     return target
 
 
+def checkpoint_bytes(checkpoint_dir: str) -> int:
+    """The bytes of a checkpoint's files (links are not followed)."""
+    total = 0
+    for folder, _, files in os.walk(checkpoint_dir):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def remove_leftovers(root: str) -> None:
     """Remove partial and half-deleted checkpoints left by an earlier crash."""
     try:

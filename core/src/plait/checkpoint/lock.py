@@ -108,8 +108,7 @@ def acquire(folder: str) -> RunLock:
             marker = _lock(fd, path)
             previous = _read_holder(fd)
             me = _me()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
+            _record_holder(fd, me)
         except BaseException:
             os.close(fd)
             raise
@@ -121,6 +120,16 @@ def acquire(folder: str) -> RunLock:
             )
         _held[path] = _Held(fd=fd, marker=marker, count=1)
     return RunLock(path)
+
+
+def _record_holder(fd: int, me: dict[str, Any]) -> None:
+    """Who holds the lock, for the message another run gets. The lock holds without it: on
+    a full disk, the run goes on to free space (its start-up cleanup) rather than stop here."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError as error:
+        logger.warning("Could not record this run in the checkpoint folder lock: %s", error)
 
 
 def _lock(fd: int, path: str) -> str | None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import warnings
 import weakref
@@ -32,7 +33,7 @@ from plait.checkpoint.model_state import model_state, optimizer_state, set_model
 from plait.checkpoint.plain_state import fingerprint, join_tensors, json_to_tensor, split_tensors, tensor_refs
 from plait.checkpoint.safe_storage import SafeFileSystemReader, describe, load_tensors, mismatch, root_cause
 from plait.config import CheckpointSection
-from plait.errors import CheckpointError, ConfigError
+from plait.errors import CheckpointError, ConfigError, describe_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class CheckpointManager:
         self._pending: _PendingSave | None = None
         self._last_step: int | None = None
         self._closed = False
+        self._warned_space = False
         self._lock: run_lock.RunLock | None = None
         if config.enable:
             self._lock = self._take_lock()
@@ -234,17 +236,17 @@ class CheckpointManager:
             try:
                 os.makedirs(self.folder, exist_ok=True)
                 layout.remove_leftovers(self.folder)
-                layout.create_partial(layout.partial_dir(self.folder, step))  # exclusively
+                problem = self._no_room_for(step)
+                if problem is None:
+                    layout.create_partial(layout.partial_dir(self.folder, step))  # exclusively
             except OSError as error:
-                problem = describe(error)
+                problem = (f"creating {layout.partial_dir(self.folder, step)} failed ({describe_os_error(error)}). "
+                           f"The earlier checkpoints are intact. Check the permissions and free space of "
+                           f"{self.folder}.")
         # Nobody writes into the folder before the leftovers are gone and it is created.
         problem = self._from_rank0(problem)
         if problem is not None:
-            raise CheckpointError(
-                f"Cannot start saving checkpoint step {step}: creating "
-                f"{layout.partial_dir(self.folder, step)} failed ({problem}). The earlier "
-                f"checkpoints are intact. Check the permissions and free space of {self.folder}."
-            )
+            raise CheckpointError(f"Cannot start saving checkpoint step {step}: {problem}")
         started = time.monotonic()
         to_save = self._state_to_save()
         writer = ChecksummingWriter(layout.partial_dir(self.folder, step))
@@ -268,6 +270,37 @@ class CheckpointManager:
         if self.config.async_mode != "async":
             self.wait()
         return True
+
+    def _no_room_for(self, step: int) -> str | None:
+        """Rank 0, before a save: None when the disk has room for the checkpoint (as large
+        as the previous one, or at least this rank's share of the state), else why not. Warns
+        once when the save after this one may not fit."""
+        saved = layout.list_checkpoints(self.folder)
+        if saved:
+            expected = layout.checkpoint_bytes(layout.step_dir(self.folder, saved[-1]))
+            basis = f"step {saved[-1]}'s size"
+        else:
+            expected, basis = self._local_state_bytes(), "this rank's share of the state"
+        free = shutil.disk_usage(self.folder).free
+        if free < expected:
+            return (f"the disk is full: {_gib(free)} free in {self.folder}, and the checkpoint needs about "
+                    f"{_gib(expected)} ({basis}). The earlier checkpoints are intact. Free space, lower "
+                    "--checkpoint.keep_latest_k or move --checkpoint.folder to a larger disk, then resume with the "
+                    "same command.")
+        if free < 2 * expected and not self._warned_space:
+            self._warned_space = True
+            logger.warning(
+                "The disk of %s has room for this checkpoint (about %s) but %s free may not hold the next one: "
+                "free space, lower --checkpoint.keep_latest_k or move --checkpoint.folder to a larger disk",
+                self.folder, _gib(expected), _gib(free))
+        return None
+
+    def _local_state_bytes(self) -> int:
+        """The bytes of this rank's model and optimizer tensors (its shards, for a sharded model)."""
+        tensors = [p for part in self.model_parts for p in part.parameters()]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        local = (getattr(t, "_local_tensor", t) for t in tensors)
+        return sum(t.numel() * t.element_size() for t in local)
 
     def _refuse_non_finite(self, step: int) -> None:
         """Never save weights that hold NaN or inf (a loss that is still finite can hide
@@ -399,6 +432,15 @@ class CheckpointManager:
         cause = root_cause(error)
         if isinstance(cause, CheckpointError):
             return cause
+        if _disk_full(cause):
+            free = shutil.disk_usage(self.folder).free if os.path.isdir(self.folder) else 0
+            return CheckpointError(
+                f"Saving checkpoint step {step} to {layout.partial_dir(self.folder, step)} failed because the disk "
+                f"is full ({_gib(free)} free in {self.folder}; what failed: {describe(cause)}). The earlier "
+                "checkpoints are intact; the unfinished folder is removed when the run starts again. Free space, lower "
+                "--checkpoint.keep_latest_k or move --checkpoint.folder to a larger disk, then resume with the "
+                "same command."
+            )
         return CheckpointError(
             f"Saving checkpoint step {step} to {layout.partial_dir(self.folder, step)} failed "
             f"({describe(cause)}). The earlier checkpoints are intact; the unfinished folder is "
@@ -430,3 +472,17 @@ class CheckpointManager:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self._group)
         return box[0]
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.2f} GiB" if size >= 1024**3 else f"{size / 1024**2:.1f} MiB"
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC (or a full quota), also as torch's serializer reports a write it could not
+    finish ("unexpected pos": the bytes written fell short, which is what a full disk does)."""
+    import errno
+
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, RuntimeError) and "unexpected pos" in str(error)

@@ -1,4 +1,4 @@
-"""`plait` command line: train, plugins, plan, convert.
+"""`plait` command line: train, plugins, plan, convert, generate, preprocess.
 
 Every command is parsed by tyro from dataclasses, with one style of option names
 (``--section.field`` with underscores; hyphens are accepted too). The plugin/model
@@ -15,27 +15,32 @@ two phases, saved configs, ``--model.args.*``), ``commands`` (the commands).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from importlib import metadata
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from plait.cli.commands import (
     convert_command,
     describe_os_error,
     plan_command,
     plugins_command,
+    preprocess_command,
     setup_logging,
     train,
     train_command,
     write_resolved_config,
 )
 from plait.cli.config_parsing import parse_selection, resolve_train_config
+from plait.cli.generate import generate_command
 from plait.cli.installed import installed_lines
 from plait.cli.options import ConvertOptions, PlanOptions, Selection, field_help, parse
-from plait.errors import ConfigError, PlaitError
+from plait.errors import ConfigError, Interrupted, PlaitError
 
 __all__ = [
     "COMMANDS", "ConvertOptions", "PlanOptions", "Selection", "exit_process", "field_help", "main", "parse",
@@ -49,12 +54,37 @@ COMMANDS = {
     "plugins": "list installed plugins (what each provides, enabled or not), models and recipes",
     "plan": "dry run at any scale: memory, parameters and FLOPs per rank, from one process",
     "convert": "export a plait checkpoint to a Hugging Face folder",
+    "preprocess": "run a model's preprocessing once over its dataset (e.g. flux's frozen encoders) into a folder",
+    "generate": "continue prompts with a checkpoint or a Hugging Face folder (KV cache, greedy or sampled)",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `plait` command; returns its exit status (2: bad command line or config)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    with _signals_raise():
+        return _run(argv)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM raises ``Interrupted`` as SIGINT raises KeyboardInterrupt: a signal during
+    start-up (before the training loop takes the signals over) ends with a message."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: the signals stay with the caller
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> int:
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print(usage())
@@ -64,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         command, rest = argv[0], argv[1:]
         handlers = {"train": train_command, "plugins": plugins_command, "plan": plan_command,
-                    "convert": convert_command}
+                    "convert": convert_command, "generate": generate_command, "preprocess": preprocess_command}
         if command not in handlers:
             if command.startswith("-"):
                 raise ConfigError(f"the command comes first: plait <command> {command} ... "
@@ -73,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown command {command!r}.{hint} Choose one of: {', '.join(handlers)}")
         return handlers[command](rest)
+    except KeyboardInterrupt:
+        error = Interrupted(signal.SIGINT)
+        print(f"plait: error: {error}", file=sys.stderr)
+        return error.exit_code
     except PlaitError as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -101,7 +135,8 @@ def exit_process(code: int, *, distributed: bool | None = None) -> NoReturn:
     active exception") whose run has already finished and saved, and the launcher would
     then report the run as failed."""
     if distributed is None:
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        world_size = os.environ.get("WORLD_SIZE", "1").strip()
+        distributed = world_size.isdigit() and int(world_size) > 1
     if distributed:
         logging.shutdown()
         sys.stdout.flush()

@@ -1,32 +1,23 @@
 """The commands: train, plugins, plan, convert."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from plait.cli.config_parsing import resolve_train_config, select_plugins
 from plait.cli.installed import installed_summary
-from plait.cli.options import ConvertOptions, PlanOptions, Selection, TrainOptions, parse, wants_help, with_flag_values
-from plait.errors import ConfigError
+from plait.cli.options import (ConvertOptions, PlanOptions, PreprocessOptions, Selection, TrainOptions, parse,
+                               wants_help, with_flag_values)
+from plait.errors import ConfigError, describe_os_error
 
 
 logger = logging.getLogger("plait")
-
-
-def describe_os_error(error: OSError) -> str:
-    import errno
-
-    where = f" ({error.filename})" if error.filename else ""
-    if error.errno == errno.ENOSPC:
-        return f"the disk is full{where}: free space or choose another folder, then run the same command again"
-    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"no permission to write{where} ({error.strerror}): choose a folder you can write"
-    return f"{error.strerror or error}{where}"
 
 
 def check_writable_folder(path: str, option: str) -> None:
@@ -100,7 +91,9 @@ def train(argv: list[str]):
     if options.print_config:
         print(resolved_config_text(config, manager, job.declared_model_args))
         return None
-    rank = int(os.environ.get("RANK", "0"))
+    from plait.launch import rank_from_env
+
+    rank = rank_from_env()
     setup_logging(rank)
     run_lock = None
     if rank == 0:
@@ -112,9 +105,13 @@ def train(argv: list[str]):
             if enabled:
                 check_writable_folder(os.path.join(dump, sub), option)
         if config.checkpoint.enable:  # a second run on this folder stops before it writes anything
+            from plait.checkpoint.layout import remove_leftovers
             from plait.checkpoint.lock import acquire
 
             run_lock = acquire(os.path.join(dump, config.checkpoint.folder))
+            # An unfinished save of a run that died (of a full disk, say) goes before this
+            # run writes anything: the space it holds may be what the run needs.
+            remove_leftovers(os.path.join(dump, config.checkpoint.folder))
         path = write_resolved_config(config, manager, job.declared_model_args)
         logger.info("plugins: %s; resolved config: %s", ", ".join(manager.enabled), path)
     try:
@@ -184,6 +181,24 @@ def plan_command(argv: list[str]) -> int:
     return 0
 
 
+def preprocess_command(argv: list[str]) -> int:
+    """`plait preprocess --output FOLDER [train options]`: the model's preprocessing step
+    (``ModelSpec.preprocess``) over the run's dataset, written whole or not at all."""
+    options, rest = parse(PreprocessOptions, argv, prog="plait preprocess", partial=True)
+    if not wants_help(rest) and not options.output:
+        raise ConfigError("plait preprocess needs the folder to write: --output FOLDER "
+                          "(then train with --data.dataset FOLDER)")
+    job = resolve_train_config(rest, world_size=1, prog="plait preprocess", options=options)
+    if job.spec.preprocess is None:
+        raise ConfigError(f"model {job.spec.name!r} has no preprocessing step: it reads its data as it trains "
+                          "(plait preprocess runs a step a model spec declares, such as flux's encoders)")
+    setup_logging(0)
+    with _staged_output(options.output) as staging:
+        summary = job.spec.preprocess(job, staging)
+    print(f"wrote {summary} to {options.output}; train on it with --data.dataset {options.output}")
+    return 0
+
+
 def convert_command(argv: list[str]) -> int:
     args = parse(ConvertOptions, argv, prog="plait convert", description=(
         "Export a plait checkpoint (a step-N folder) to a Hugging Face folder that transformers "
@@ -199,19 +214,44 @@ def convert_command(argv: list[str]) -> int:
 
     spec = load_model_spec(args.model or _from_run(run_config, lambda c: c["model"]["name"]))
     model_args, described = _export_shape(spec, args, run_config)
-    export_checkpoint_to_hf(args.checkpoint, spec, model_args, args.output, dtype=getattr(torch, args.dtype))
-    tokenizer_note = "without tokenizer files (no run config.json)"
-    if run_config:
-        from plait.data import build_tokenizer
-        from plait.hf import write_tokenizer_files
+    with _staged_output(args.output) as staging:
+        export_checkpoint_to_hf(args.checkpoint, spec, model_args, staging, dtype=getattr(torch, args.dtype))
+        tokenizer_note = "without tokenizer files (no run config.json)"
+        if run_config and not spec.token_inputs:  # a model with its own data pipeline has no tokenizer
+            tokenizer_note = "weights and config only"
+        elif run_config:
+            from plait.data import build_tokenizer
+            from plait.hf import write_tokenizer_files
 
-        data = _from_run(run_config, lambda c: c.get("data", {}))
-        tokenizer = build_tokenizer(data.get("tokenizer", ""), bos_token=data.get("bos_token", ""),
-                                    eos_token=data.get("eos_token", ""))
-        write_tokenizer_files(args.output, tokenizer, max_length=getattr(model_args, spec.seq_len_arg or "", None))
-        tokenizer_note = f"with the run's tokenizer ({tokenizer.name})"
+            data = _from_run(run_config, lambda c: c.get("data", {}))
+            tokenizer = build_tokenizer(data.get("tokenizer", ""), bos_token=data.get("bos_token", ""),
+                                        eos_token=data.get("eos_token", ""))
+            write_tokenizer_files(staging, tokenizer, max_length=getattr(model_args, spec.seq_len_arg or "", None))
+            tokenizer_note = f"with the run's tokenizer ({tokenizer.name})"
     print(f"wrote {described} ({args.dtype}) in Hugging Face format to {args.output}, {tokenizer_note}")
     return 0
+
+
+@contextlib.contextmanager
+def _staged_output(output: str) -> Iterator[str]:
+    """A hidden folder beside ``output`` to write into, renamed to ``output`` when all is
+    written and removed otherwise (a full disk, an error): ``output`` appears whole or not
+    at all. Where it cannot be written is a ConfigError before any work."""
+    import shutil
+    import tempfile
+
+    output = os.path.abspath(output)
+    if os.path.lexists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ConfigError(f"{output} already exists and is not an empty folder; choose a new output folder")
+    parent = os.path.dirname(output)
+    check_writable_folder(parent, "the output folder's parent")
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.partial-")
+    try:
+        yield staging
+        os.rename(staging, output)  # replaces an empty folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _export_shape(spec: Any, args: ConvertOptions, run_config: dict[str, Any]) -> tuple[Any, str]:

@@ -247,7 +247,7 @@ def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog
     manager, base = select_plugins(selection, for_help=wants_help(rest))
     config = parse_config(manager, base, rest, prog=prog, selection=selection, options=options)  # --help exits here
     from plait.job import resolve_job  # imports torch: after --help and the option errors
-    from plait.train import world_size_from_env
+    from plait.launch import world_size_from_env
 
     spec = manager.model_spec(config.model.name)
     return resolve_job(config, manager, spec, world_size_from_env() if world_size is None else world_size)

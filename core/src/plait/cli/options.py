@@ -55,6 +55,14 @@ class PlanOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
+class PreprocessOptions:
+    """Options of `plait preprocess` (besides those of `plait train`)."""
+
+    output: Annotated[str, tyro.conf.arg(metavar="FOLDER")] = ""
+    """The folder to write (new or empty); train with --data.dataset FOLDER (required)."""
+
+
+@dataclasses.dataclass(kw_only=True)
 class ConvertOptions:
     checkpoint: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CHECKPOINT")]
     """A checkpoint folder, e.g. outputs/checkpoint/step-50."""
@@ -79,6 +87,38 @@ def with_flag_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
                 following.lower() not in ("true", "false"):
             result.append("True")
     return result
+
+
+@dataclasses.dataclass(kw_only=True)
+class GenerateOptions:
+    """Options of `plait generate`."""
+
+    checkpoint: Annotated[str, tyro.conf.arg(metavar="DIR")] = ""
+    """A plait checkpoint folder, e.g. outputs/checkpoint/step-50 (model and tokenizer from the run's config.json)."""
+    hf_dir: Annotated[str, tyro.conf.arg(metavar="DIR")] = ""
+    """A Hugging Face model folder (config.json, safetensors, tokenizer.json) instead of --checkpoint."""
+    model: Annotated[str, tyro.conf.arg(metavar="NAME")] = ""
+    """Model name for --hf-dir (default: the installed model that reads its architecture)."""
+    tokenizer: Annotated[str, tyro.conf.arg(metavar="PATH")] = ""
+    """A tokenizer.json (or a folder holding one) instead of the run's or the folder's."""
+    prompt: Annotated[tuple[str, ...], tyro.conf.UseAppendAction, tyro.conf.arg(metavar="TEXT")] = ()
+    """A prompt to continue; repeat the option for several (generated as one left-padded batch)."""
+    prompt_file: Annotated[str, tyro.conf.arg(metavar="FILE")] = ""
+    """A file of prompts, one per line (added to the --prompt ones)."""
+    max_new_tokens: Annotated[int, tyro.conf.arg(metavar="N")] = 64
+    """Most tokens to generate per prompt (a prompt stops earlier at end of text)."""
+    temperature: Annotated[float, tyro.conf.arg(metavar="T")] = 0.0
+    """Sampling temperature (0: 1 when --top-k or --top-p is given, else greedy: the most likely token each time)."""
+    top_k: Annotated[int, tyro.conf.arg(metavar="K")] = 0
+    """Sample only from the K most likely tokens (0: no limit)."""
+    top_p: Annotated[float, tyro.conf.arg(metavar="P")] = 1.0
+    """Sample only from the most likely tokens whose probabilities add up to P, in (0, 1] (1: no limit)."""
+    seed: Annotated[int, tyro.conf.arg(metavar="N")] = 0
+    """Seed of the sampler: the same seed gives the same samples."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype (bfloat16: autocast; the weights stay float32)."""
+    device: Annotated[str, tyro.conf.arg(metavar="DEVICE")] = "cpu"
+    """Device to run on, e.g. cpu or cuda (cuda:1)."""
 
 
 def parse(cls: type, argv: list[str], *, prog: str, description: str | None = None,

@@ -141,6 +141,11 @@ class TokenLoader:
                 chunk[start + length - 1] = eos
         self._chunk = chunk
 
+    @property
+    def skipped_rows(self) -> int:
+        """Malformed rows skipped so far (``--data.bad_rows skip``)."""
+        return self.source.skipped_rows
+
     def source_shares(self) -> dict[str, float]:
         """For a mixture: the share of documents each source gave so far (read ahead of
         training by at most one chunk); empty otherwise."""
@@ -161,6 +166,7 @@ class TokenLoader:
         return {
             "version": _STATE_VERSION,
             "source": self.source.identity,
+            "tokenizer": {"name": self.tokenizer.name, "fingerprint": self.tokenizer.fingerprint},
             "epoch": self._epoch,
             "position": self._chunk_position,
             "doc": doc,
@@ -177,6 +183,15 @@ class TokenLoader:
             raise CheckpointError(
                 f"the checkpoint's data loader state belongs to {state['source']!r} but this run reads "
                 f"{self.source.identity!r}. Resume with the same --data options, or start a fresh run."
+            )
+        saved = state.get("tokenizer")  # checkpoints before 2026-12 do not record it
+        if saved and saved["fingerprint"] != self.tokenizer.fingerprint:
+            raise CheckpointError(
+                f"the checkpoint was trained with another tokenizer ({saved['name']}, fingerprint "
+                f"{saved['fingerprint']}) than this run's ({self.tokenizer.name}, fingerprint "
+                f"{self.tokenizer.fingerprint}): its token ids would mean other text. Resume with the same "
+                "--data.tokenizer, --data.bos_token and --data.eos_token, or start a fresh run in another "
+                "--job.dump_folder."
             )
         self._epoch = int(state["epoch"])
         self._chunk_position = state["position"]

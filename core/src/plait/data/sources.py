@@ -13,16 +13,19 @@ import copy
 import glob
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plait.config import DataSection
-from plait.errors import ConfigError
+from plait.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import datasets
+
+logger = logging.getLogger("plait")
 
 Position = Any
 """A JSON value saying where to resume; None is the start of the data."""
@@ -56,6 +59,11 @@ class DocumentSource(ABC):
 
     @abstractmethod
     def open(self, position: Position) -> DocumentReader: ...
+
+    @property
+    def skipped_rows(self) -> int:
+        """Malformed rows skipped so far (``--data.bad_rows skip``)."""
+        return 0
 
 
 # ------------------------------------------------------------------ embedded corpus
@@ -96,6 +104,8 @@ class _ListReader(DocumentReader):
 #: How much of a JSON-lines file is parsed before training starts, so that a malformed
 #: file is a ConfigError at once (Hugging Face's reader parses its first block too).
 _CHECKED_BYTES = 1 << 16
+#: Skipped rows named one by one in the log; later ones are only counted.
+_NAMED_SKIPS = 10
 
 
 class JsonLinesSource(DocumentSource):
@@ -106,13 +116,20 @@ class JsonLinesSource(DocumentSource):
         self.files = files
         self.data = data
         self.identity = identity
+        self._skipped = 0
 
     def open(self, position: Position) -> _JsonLinesReader:
         return _JsonLinesReader(self, start=position)
 
+    @property
+    def skipped_rows(self) -> int:
+        return self._skipped
+
     def check(self) -> None:
-        """The first row must hold the text field as text; the first lines must parse."""
+        """The first row must hold the text field as text; the first lines must parse
+        (a malformed one is a ConfigError now, or skipped with --data.bad_rows skip)."""
         reader = self.open(None)
+        reader.checking = True
         rows = reader.rows()
         first = next(rows, None)
         if first is None:
@@ -122,6 +139,35 @@ class JsonLinesSource(DocumentSource):
             if reader.bytes_read >= _CHECKED_BYTES:
                 break
         rows.close()
+        self._skipped = 0  # counted again when training reads them
+
+    def bad_row(self, file: Path, at: int, problem: str, *, checking: bool) -> None:
+        """A row that cannot be trained on: skipped and counted (``--data.bad_rows skip``),
+        or an error naming the file and line (a ``ConfigError`` before training starts)."""
+        if self.data.bad_rows == "skip":
+            self._skipped += 1
+            if self._skipped <= _NAMED_SKIPS:
+                logger.warning("skipping line %d of %s: %s (--data.bad_rows skip)%s", _line_number(file, at), file,
+                               problem, "; further bad rows are only counted" if self._skipped == _NAMED_SKIPS else "")
+            return
+        message = (f"line {_line_number(file, at)} of {file} (byte {at}) {problem}. Fix or delete that line, "
+                   "or pass --data.bad_rows skip to skip such rows (they are counted in data/bad_rows_skipped)")
+        if checking:
+            raise _unreadable(self.data, ValueError(message))
+        raise DataError(message)
+
+
+def _line_number(file: Path, offset: int) -> int:
+    """The 1-based line at byte ``offset`` of ``file`` (counted only when reported)."""
+    lines, done = 1, 0
+    with open(file, "rb") as handle:
+        while done < offset:
+            block = handle.read(min(1 << 20, offset - done))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            done += len(block)
+    return lines
 
 
 class _JsonLinesReader(DocumentReader):
@@ -132,6 +178,10 @@ class _JsonLinesReader(DocumentReader):
         self._file = 0 if start is None else int(start["file"])
         self._offset = 0 if start is None else int(start["offset"])
         self.bytes_read = 0
+        self.rows_taken = 0
+        self.checking = False
+        """Reading before training starts: a bad row is a ConfigError, and the first row's
+        fields are checked by the caller (which lists them)."""
 
     def position(self) -> Position:
         return {"file": self._file, "offset": self._offset} if self._started else self._start
@@ -142,7 +192,7 @@ class _JsonLinesReader(DocumentReader):
         chars = 0
         rows = self.rows()
         for row in rows:
-            text = row.get(field)
+            text = row[field]
             if text is None:
                 text = ""
             elif not isinstance(text, str):
@@ -155,8 +205,9 @@ class _JsonLinesReader(DocumentReader):
         return texts
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        """The JSON objects from the position on, skipping blank lines; the position
-        moves past each row as it is taken."""
+        """The JSON objects that hold the text field, from the position on, skipping blank
+        lines (and bad rows with --data.bad_rows skip); the position moves past each row as
+        it is taken."""
         self._started = True
         files = self._source.files
         while self._file < len(files):
@@ -167,19 +218,29 @@ class _JsonLinesReader(DocumentReader):
                     self._offset += len(line)
                     self.bytes_read += len(line)
                     if line.strip():
-                        yield self._parse(line, files[self._file], at)
+                        row = self._parse(line, files[self._file], at)
+                        if row is not None:
+                            self.rows_taken += 1
+                            yield row
             self._file, self._offset = self._file + 1, 0
 
-    def _parse(self, line: bytes, file: Path, at: int) -> dict[str, Any]:
+    def _parse(self, line: bytes, file: Path, at: int) -> dict[str, Any] | None:
+        """The row of ``line``, or None for a bad row that is skipped."""
         try:
             row = json.loads(line)
         except ValueError as error:  # also bad UTF-8
-            message = f"JSON parse error in {file} at byte {at}: {error}"
-            raise _unreadable(self._source.data, ValueError(message)) from None
-        if not isinstance(row, dict):
-            message = f"{file} at byte {at} holds a JSON {type(row).__name__}; JSON lines need one object per line"
-            raise _unreadable(self._source.data, ValueError(message))
-        return row
+            problem = f"is not valid JSON ({error})"
+        else:
+            field = self._source.data.text_field
+            if not isinstance(row, dict):
+                problem = f"holds a JSON {type(row).__name__}; JSON lines need one object per line"
+            elif field not in row and not (self.checking and self.rows_taken == 0):
+                problem = (f"has no field {field!r} (--data.text_field; its fields: "
+                           f"{', '.join(map(str, list(row)[:8])) or 'none'})")
+            else:
+                return row
+        self._source.bad_row(file, at, problem, checking=self.checking)
+        return None
 
 
 def _is_json_lines(files: list[Path], data: DataSection) -> bool:
@@ -253,6 +314,10 @@ class HeldOutSplit(DocumentSource):
         side = "held-out" if held_out else "training"
         self.identity = f"{source.identity}:{side} share {share!r}"
 
+    @property
+    def skipped_rows(self) -> int:
+        return self.source.skipped_rows
+
     def keeps(self, text: str) -> bool:
         digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
         return (int.from_bytes(digest, "little") / 2**64 < self.share) == self.held_out
@@ -299,6 +364,10 @@ class MixtureSource(DocumentSource):
         self.weights = weights
         self.labels = labels
         self.identity = "mixture:[" + ", ".join(f"{s.identity}@{w!r}" for s, w in zip(sources, weights)) + "]"
+
+    @property
+    def skipped_rows(self) -> int:
+        return sum(source.skipped_rows for source in self.sources)
 
     def open(self, position: Position) -> DocumentReader:
         return _MixtureReader(self, position)

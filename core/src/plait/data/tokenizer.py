@@ -1,6 +1,8 @@
 """The tokenizer: a Hugging Face ``tokenizers`` file plus its begin/end-of-text ids."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,6 +30,14 @@ class Tokenizer:
         # Ids may have holes (added tokens past the base vocabulary); the model's
         # embedding must cover the largest id.
         self.vocab_size: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies what the tokenizer does (its whole definition and the begin/end-of-text
+        ids), not where its file lies: a run resumes only with the tokenizer it trained with."""
+        digest = hashlib.sha256(self.backend.to_str().encode())
+        digest.update(f"\0{self.bos_id}\0{self.eos_id}".encode())
+        return digest.hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -6,6 +6,8 @@ head count, so a tensor-parallel plan that shards ``wq``/``wk``/``wv`` column-wi
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,9 @@ from torch import nn
 from plait.nn.init import trunc_normal_
 from plait.nn.norms import RMSNorm
 from plait.nn.rope import apply_rope
+
+if TYPE_CHECKING:
+    from plait.generation import LayerCache
 
 
 class ScaledDotProductAttention(nn.Module):
@@ -27,7 +32,12 @@ class ScaledDotProductAttention(nn.Module):
         super().__init__()
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:  # fmt: skip
+        """``mask`` (generation: bool, True = attend, broadcast to ``[batch, heads, q_len, k_len]``)
+        replaces the causal mask."""
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
     def extra_repr(self) -> str:
@@ -58,8 +68,11 @@ class Attention(nn.Module):
         # an explicit head_dim states the softmax scale (SDPA's default, 1 / sqrt(head_dim))
         self.sdpa = ScaledDotProductAttention(scale=self.head_dim**-0.5 if head_dim is not None else None)
 
-    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[batch, seq, dim]``; ``rope_cache``: see ``plait.nn.rope.rope_cache``.
+    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor, cache: LayerCache | None = None
+                ) -> torch.Tensor:  # fmt: skip
+        """``x``: ``[batch, seq, dim]``; ``rope_cache``: see ``plait.nn.rope.rope_cache``;
+        ``cache``: generation's view of this layer (``plait.generation``), which stores the
+        keys and values ``[batch, kv_heads, seq, head_dim]``.
 
         ``rope_cache`` is keyword-only so that a tensor-parallel input hook sees ``x`` as
         the module's only positional input.
@@ -70,14 +83,19 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope_cache), apply_rope(k, rope_cache)
+        if cache is not None:
+            q, k = apply_rope(q, rope_cache, cache.positions), apply_rope(k, rope_cache, cache.positions)
+            k, v = (t.transpose(1, 2) for t in cache.update(k=k.transpose(1, 2), v=v.transpose(1, 2)))
+        else:
+            q, k = apply_rope(q, rope_cache), apply_rope(k, rope_cache)
 
         queries_per_kv = q.shape[2] // k.shape[2]
         if queries_per_kv > 1:
             k = k.repeat_interleave(queries_per_kv, dim=2)
             v = v.repeat_interleave(queries_per_kv, dim=2)
 
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self.sdpa(q, k, v) if cache is None else self.sdpa(q, k, v, mask=cache.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def init_weights(self, *, std: float, out_std: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from plait.nn.feed_forward import FeedForward
 from plait.nn.init import trunc_normal_
 from plait.nn.moe import MoE
 from plait.nn.norms import RMSNorm
+
+if TYPE_CHECKING:
+    from plait.generation import KVCache, LayerCache
 
 
 class PreNormBlock(nn.Module):
@@ -52,8 +56,11 @@ class PreNormBlock(nn.Module):
     def mlp(self) -> nn.Module:
         return self.moe if self.moe is not None else self.feed_forward
 
-    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
+    def forward(self, x: torch.Tensor, rope_cache: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        if cache is None:
+            h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache)
+        else:  # generation: the attention reads and extends its cache
+            h = x + self.attention(self.attention_norm(x), rope_cache=rope_cache, cache=cache)
         return h + self.mlp(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -127,10 +134,26 @@ class DecoderStack(nn.Module):
         self.tie_weights()
         return self
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+        """``cache``: generation (``plait.generation``): ``tokens`` are the next columns of the
+        cached sequence."""
+        if cache is not None:
+            return self._forward_cached(tokens, cache)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, self.rope_cache)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
+
+    def _forward_cached(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.tok_embeddings is None or self.norm is None or self.output is None:
+            raise ValueError("generation needs the whole model, not a pipeline stage")
+        cache.append(tokens.shape[1])
+        if cache.length > self.rope_cache.shape[0]:
+            raise ValueError(f"{cache.length} tokens exceed the RoPE table ({self.rope_cache.shape[0]} positions); "
+                             "raise the model's max_seq_len")  # fmt: skip
+        h = self.tok_embeddings(tokens)
+        for key, layer in self.layers.items():
+            h = layer(h, self.rope_cache, cache=cache.layer(key))
+        return self.output(self.norm(h))

@@ -252,6 +252,39 @@ class LocalTokenDispatcher(TokenDispatcher):
         return (per_pair.view(tokens, top_k, -1) * weights).sum(dim=1)
 
 
+@dataclass(kw_only=True)
+class AlignedGroups:
+    """Rows grouped by expert, each group padded with zero rows to a multiple of the
+    alignment (``MoE.group_alignment``), for expert kernels that quantize blocks of rows."""
+
+    tokens: torch.Tensor
+    """``[padded rows, dim]``; rows past the last group are zeros too."""
+    tokens_per_expert: torch.Tensor
+    """``[experts]`` padded rows of each group (multiples of the alignment, summing to the
+    padded rows: the slack at the end counts as the last expert's)."""
+    positions: torch.Tensor
+    """``[rows]`` where each original row went."""
+
+
+def align_token_groups(tokens: torch.Tensor, tokens_per_expert: torch.Tensor, alignment: int) -> AlignedGroups:
+    """Pad each expert's group of ``tokens`` (grouped by expert, ``tokens_per_expert`` rows
+    each) to a multiple of ``alignment``. The padded size is the static bound
+    ``round_up(rows + experts * (alignment - 1), alignment)``: no host sync, compile-friendly.
+    The zero rows give zero outputs and add nothing to the gradients."""
+    rows, experts = tokens.shape[0], tokens_per_expert.shape[0]
+    padded_rows = -(-(rows + experts * (alignment - 1)) // alignment) * alignment
+    counts = tokens_per_expert.to(torch.int64)
+    padded_counts = (counts + alignment - 1) // alignment * alignment
+    starts = torch.cumsum(counts, 0) - counts
+    padded_starts = torch.cumsum(padded_counts, 0) - padded_counts
+    expert_of_row = torch.repeat_interleave(torch.arange(experts, device=tokens.device), counts, output_size=rows)
+    positions = torch.arange(rows, device=tokens.device) + (padded_starts - starts)[expert_of_row]
+    padded = tokens.new_zeros(padded_rows, tokens.shape[1]).index_copy(0, positions, tokens)
+    slack = padded_rows - padded_counts.sum()
+    padded_counts = torch.cat([padded_counts[:-1], padded_counts[-1:] + slack])
+    return AlignedGroups(tokens=padded, tokens_per_expert=padded_counts, positions=positions)
+
+
 # --------------------------------------------------------------------------- experts
 
 
@@ -361,43 +394,6 @@ def _looped_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None,
 looped_expert_swiglu.register_autograd(_looped_backward, setup_context=_save_looped_inputs)
 
 
-_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs forward and backward on this device type and
-    dtype in eager mode, found by a tiny trial call the first time (never by device names)."""
-    key = (device.type, dtype)
-    if key not in _GROUPED_MM_SUPPORT:
-        _GROUPED_MM_SUPPORT[key] = _try_grouped_mm(device, dtype)
-    return _GROUPED_MM_SUPPORT[key]
-
-
-def _try_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    # The first call may come inside a checkpointed forward, which the recompute must
-    # replay exactly: identity hooks keep the trial's saved tensors out of the
-    # checkpoint's count, and with the dispatch modes off selective checkpointing does
-    # not record (and later expect) the trial's operators.
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    with (
-        _disable_current_modes(),
-        torch.enable_grad(),
-        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
-    ):
-        try:
-            rows = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
-            weight = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-            offsets = torch.tensor([16, 32], device=device, dtype=torch.int32)
-            out = torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
-            out.backward(torch.ones_like(out))
-        except (RuntimeError, NotImplementedError):
-            return False
-    return True
-
-
 def _compute_dtype(tokens: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer would compute in: autocast's, where it is on."""
     device_type = tokens.device.type
@@ -411,8 +407,9 @@ class GroupedExperts(nn.Module):
     ``w1`` (gate) and ``w3`` (up) ``[E, hidden, dim]``, ``w2`` (down) ``[E, dim, hidden]``.
 
     ``implementation``: ``"grouped_mm"``, ``"loop"``, or ``"auto"``: grouped where the
-    device runs it for the tokens' dtype and shapes (under ``torch.compile``: bf16 only),
-    else the loop. Both compute the same.
+    device runs it (``grouped_mm_available``: the device's ``grouped_mm`` capability, set
+    by ``configure_moe_layers``; a CPU's answer by default) for the tokens' shapes (under
+    ``torch.compile``: bf16 only), else the loop. Both compute the same.
     """
 
     def __init__(self, *, num_experts: int, dim: int, hidden_dim: int) -> None:
@@ -421,6 +418,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.implementation: ExpertImplementation = "auto"
+        self.grouped_mm_available = True
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``[rows, dim]`` grouped by expert, ``tokens_per_expert`` rows of each."""
@@ -441,9 +439,10 @@ class GroupedExperts(nn.Module):
         # Rows of 16-byte multiples, and bf16 when traced (torch.compile) or on fake tensors
         # (plait plan): the rules of the CUDA kernel, which torch applies to its shape function.
         aligned = all(size * tokens.element_size() % 16 == 0 for size in (tokens.shape[-1], hidden_dim))
-        if torch.compiler.is_compiling() or type(tokens) is not torch.Tensor:
-            return aligned and tokens.dtype == torch.bfloat16
-        return aligned and grouped_mm_supported(tokens.device, tokens.dtype)
+        if not (aligned and self.grouped_mm_available and hasattr(torch, "_grouped_mm")):
+            return False
+        traced = torch.compiler.is_compiling() or type(tokens) is not torch.Tensor
+        return tokens.dtype == torch.bfloat16 or not traced
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for weight, scale in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
@@ -581,8 +580,10 @@ class MoE(nn.Module):
     Training-time settings (plain attributes; ``configure_moe_layers`` sets them from
     the job config): ``dispatcher``, ``aux_loss_weight`` (the gradient weight of the
     auxiliary balance loss; 0 = off), ``aux_loss_type`` and ``sequence_group`` (the
-    context-parallel ranks holding the rest of each sequence); the tp plugin sets
-    ``tensor_parallel`` when it shards the experts' hidden features.
+    context-parallel ranks holding the rest of each sequence) and ``group_alignment``
+    (whatever the dispatcher, each expert's group of rows is padded to a multiple of it
+    before the experts: low-precision expert kernels quantize blocks of rows); the tp
+    plugin sets ``tensor_parallel`` when it shards the experts' hidden features.
 
     Buffers: ``expert_bias`` (checkpointed; shifts the expert choice, moved between
     steps by ``finish_moe_step``), ``tokens_per_expert`` and ``aux_loss_total`` (this
@@ -608,6 +609,7 @@ class MoE(nn.Module):
         self.aux_loss_weight = 0.0
         self.aux_loss_type: AuxLossType = "sequence"
         self.sequence_group: Any = None
+        self.group_alignment = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, dim = x.shape
@@ -621,7 +623,11 @@ class MoE(nn.Module):
             if share is not None:
                 routed_tokens, routed = tokens[share], _routing_of(routing, share, self.args.num_experts)
         dispatched = self.dispatcher.dispatch(routed_tokens, routed)
-        expert_outputs = self.experts(dispatched.tokens, dispatched.tokens_per_expert)
+        if self.group_alignment > 1:
+            aligned = align_token_groups(dispatched.tokens, dispatched.tokens_per_expert, self.group_alignment)
+            expert_outputs = self.experts(aligned.tokens, aligned.tokens_per_expert)[aligned.positions]
+        else:
+            expert_outputs = self.experts(dispatched.tokens, dispatched.tokens_per_expert)
         if self.shared_experts is None:
             out, shared_out = self.dispatcher.combine(expert_outputs, dispatched, routed), None
         else:
@@ -677,6 +683,8 @@ def configure_moe_layers(
     grad_accumulation_steps: int = 1,
     dispatcher: TokenDispatcher | None = None,
     sequence_group: Any = None,
+    grouped_mm: bool = True,
+    group_alignment: int = 1,
 ) -> int:
     """Apply a run's MoE settings to every MoE layer of ``model``; returns how many there are.
 
@@ -684,12 +692,16 @@ def configure_moe_layers(
     grad_accumulation_steps``, like the micro-batch's share of the training loss.
     ``dispatcher`` None keeps the local dispatcher. ``sequence_group``: the ranks that
     share each sequence (context parallelism), for the balance loss; None without.
+    ``grouped_mm``: whether the device runs ``torch._grouped_mm`` (its capability).
+    ``group_alignment``: pad each expert's rows to a multiple of it (``RunNeeds.moe_group_alignment``).
     """
     layers = moe_layers([model])
     for _, layer in layers:
         layer.aux_loss_weight = aux_loss_coeff / grad_accumulation_steps
         layer.aux_loss_type = aux_loss_type
         layer.sequence_group = sequence_group
+        layer.experts.grouped_mm_available = grouped_mm
+        layer.group_alignment = group_alignment
         if dispatcher is not None:
             layer.dispatcher = dispatcher
     return len(layers)

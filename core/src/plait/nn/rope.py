@@ -83,11 +83,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``[batch, seq, heads, head_dim]`` by the first ``seq`` positions.
+def apply_rope(x: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate ``x`` of shape ``[batch, seq, heads, head_dim]`` by the first ``seq`` positions,
+    or by ``positions`` ``[batch, seq]`` (generation: each row's own positions).
 
     The rotation is computed in float32 and cast back to ``x.dtype``.
     """
+    if positions is not None:
+        cos, sin = cache[positions].unsqueeze(2).chunk(2, dim=-1)  # [batch, seq, 1, head_dim] each
+        x32 = x.float()
+        return (x32 * cos + _rotate_half(x32) * sin).type_as(x)
     seq_len = x.shape[1]
     if seq_len > cache.shape[0]:
         raise ValueError(

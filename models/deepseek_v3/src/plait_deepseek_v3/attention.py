@@ -15,11 +15,16 @@ head uses, passes through ``rope_key`` (``HeadShared``) so that tp sums its grad
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from plait.nn import HeadShared, RMSNorm, ScaledDotProductAttention, apply_rope, trunc_normal_
 from plait_deepseek_v3.args import ModelArgs
+
+if TYPE_CHECKING:
+    from plait.generation import LayerCache
 
 #: The norms of the low-rank latents use DeepSeek's default epsilon, whatever ``norm_eps`` is.
 LATENT_NORM_EPS = 1e-6
@@ -54,21 +59,31 @@ class MultiHeadLatentAttention(nn.Module):
             return self.wq(x)
         return self.wq_b(self.q_norm(self.wq_a(x)))
 
-    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, rope_cache: torch.Tensor, cache: LayerCache | None = None
+                ) -> torch.Tensor:  # fmt: skip
         """``x``: ``[batch, seq, dim]``; ``rope_cache``: ``[positions, 2 * qk_rope_head_dim]``
-        (keyword-only, so that a tensor-parallel input hook sees ``x`` as the only input)."""
+        (keyword-only, so that a tensor-parallel input hook sees ``x`` as the only input).
+        ``cache`` (generation, ``plait.generation``) stores the compressed, normalized latent
+        ``[batch, seq, kv_lora_rank]`` and the rotated key ``[batch, seq, qk_rope_head_dim]``,
+        not the per-head keys and values they expand to."""
         batch, seq_len, _ = x.shape
+        positions = None if cache is None else cache.positions
         q = self._queries(x).view(batch, seq_len, -1, self.qk_head_dim)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q = torch.cat((q_nope, apply_rope(q_rope, rope_cache)), dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_rope, rope_cache, positions)), dim=-1)
 
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_rope = self.rope_key(apply_rope(k_rope.unsqueeze(2), rope_cache))  # one rotary key for all heads
-        kv = self.wkv_b(self.kv_norm(latent)).view(batch, seq_len, -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_rope = self.rope_key(apply_rope(k_rope.unsqueeze(2), rope_cache, positions))  # one rotary key for all heads
+        latent = self.kv_norm(latent)
+        if cache is not None:
+            latent, k_rope = cache.update(latent=latent, k_rope=k_rope.squeeze(2))
+            k_rope = k_rope.unsqueeze(2)
+        kv = self.wkv_b(latent).view(batch, latent.shape[1], -1, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)), dim=-1)
 
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self.sdpa(q, k, v) if cache is None else self.sdpa(q, k, v, mask=cache.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def init_weights(self, *, std: float, out_std: float) -> None:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from plait import hookimpl
 from plait.errors import ConfigError
+from plait.train_state import RunNeeds
 
 if TYPE_CHECKING:
     from plait.config import JobConfig
@@ -30,15 +31,21 @@ def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
     register("deepep", DeepEPConfig)
 
 
-def missing_requirements(config: JobConfig) -> list[str]:
-    """What this machine and job lack for DeepEP, in words; empty when nothing."""
-    import torch
+@hookimpl
+def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds | None:
+    """DeepEP's kernels run on NVIDIA GPUs of compute capability 9.0 and later only."""
+    if not parallel_dims.ep_enabled:
+        return None
+    return RunNeeds(requires=("deepep",), requires_fix="drop deepep from --plugins to dispatch with the ep "
+                                                      "plugin's all-to-all instead")
 
+
+def missing_requirements(config: JobConfig) -> list[str]:
+    """What this environment and job lack for DeepEP, in words; empty when nothing. (The
+    device's DeepEP capability is declared in ``plait_run_needs``.)"""
     missing = []
     if importlib.util.find_spec("deep_ep") is None:
         missing.append(f"the deep_ep library (not installed; {INSTALL_HINT})")
-    if not torch.cuda.is_available():
-        missing.append("NVIDIA GPUs (torch sees no CUDA device)")
     if config.training.dtype != "bfloat16":
         missing.append(f"--training.dtype bfloat16 (DeepEP moves bf16 tokens; this job uses {config.training.dtype})")
     return missing

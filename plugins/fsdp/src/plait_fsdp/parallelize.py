@@ -56,7 +56,7 @@ def apply_fsdp(model: nn.Module, config: JobConfig, parallel_dims: ParallelDims,
     else:
         mesh = parallel_dims.get_mesh("dp_shard_cp")
     section: FSDPConfig = config.fsdp
-    offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if section.cpu_offload else OffloadPolicy()
+    offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available()) if section.cpu_offload else OffloadPolicy()
     options: dict[str, Any] = dict(
         mesh=mesh,
         mp_policy=mixed_precision_policy(config),

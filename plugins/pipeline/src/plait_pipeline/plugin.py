@@ -84,6 +84,12 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
                 "--parallelism.pp 1: set --parallelism.pp > 1 or drop the option"
             )
         return
+    if not model_spec.token_inputs:
+        raise ConfigError(
+            f"model {model_spec.name!r} trains on its own data pipeline's named inputs, and pipeline "
+            f"stages pass token sequences only, so it cannot run with --parallelism.pp {pp}: use "
+            "--parallelism.pp 1 (shard the model with --parallelism.dp_shard instead)"
+        )
     validation_batch = config.validation.local_batch_size
     if config.validation.interval and validation_batch not in (0, config.training.local_batch_size):
         raise ConfigError(
