@@ -43,11 +43,16 @@ def _named_by(pattern: str, path: str) -> bool:
 
 
 def decide_modules(
-    model: nn.Module, *, filter_fqns: Sequence[str], shape_rule: ShapeRule, grouped_experts: bool = False
+    model: nn.Module,
+    *,
+    filter_fqns: Sequence[str],
+    shape_rule: ShapeRule,
+    grouped_experts: bool = False,
+    experts_shape_rule: ShapeRule | None = None,
 ) -> list[ModuleDecision]:
     """A decision for each ``nn.Linear`` of ``model`` and, with ``grouped_experts``, each
-    ``GroupedExperts`` (whose shape rule sees ``hidden_dim, dim`` and ``dim, hidden_dim``),
-    in module order."""
+    ``GroupedExperts``, in module order. The experts' shape rule (``shape_rule`` unless
+    ``experts_shape_rule``) sees ``(hidden_dim, dim)`` and ``(dim, hidden_dim)``."""
     from plait.nn.moe import GroupedExperts, TopKRouter
 
     router_paths = [path for path, module in model.named_modules() if isinstance(module, TopKRouter)]
@@ -66,7 +71,8 @@ def decide_modules(
         elif pattern is not None:
             reason = f"filter_fqns pattern {pattern!r}"
         else:
-            reason = next((why for shape in shapes if (why := shape_rule(*shape))), "")
+            rule = experts_shape_rule if kind == GROUPED_EXPERTS and experts_shape_rule else shape_rule
+            reason = next((why for shape in shapes if (why := rule(*shape))), "")
         out_features, in_features = shapes[0]
         decisions.append(ModuleDecision(path=path, out_features=out_features, in_features=in_features,
                                         converted=not reason, reason=reason, kind=kind))

@@ -358,8 +358,8 @@ def format_plan(plan: Plan, *, device_memory_gib: float = 0.0) -> str:
             f"    step peak           {'':>16}  {_size(rank.step_peak_bytes):>12}   activations, saved tensors, "
             "gathered parameters, gradients and temporaries of one micro-batch",
             f"    estimated peak      {'':>16}  {_size(rank.peak_bytes):>12}",
-            f"    all-gathered        {'':>16}  {_size(rank.all_gather_bytes):>12}   per micro-batch (float8 "
-            "all-gather: converted weights at 1 byte per element)",
+            f"    all-gathered        {'':>16}  {_size(rank.all_gather_bytes):>12}   per micro-batch, in the "
+            "dtypes gathered (float8 all-gather: 1 byte per converted weight element)",
         ]
         if rank.note:
             lines.append(f"    note: {rank.note}")

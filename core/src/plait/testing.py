@@ -45,9 +45,12 @@ def run_ranks_in_sequence(
     world_size: int, jobs: list[list[str]], out: Path, *, timeout: float = 240
 ) -> list[dict[str, dict[int, float]]]:
     """``run_ranks`` of several jobs, one after the other in the same ``world_size``
-    processes (one launch: the start-up and imports are paid once)."""
+    processes (one launch: the start-up and imports are paid once). Each job rendezvous
+    on a port of its own: a process group created again on the same port meets the
+    previous one's store."""
     argv = [arg for i, job in enumerate(jobs) for arg in ([JOB_SEPARATOR] if i else []) + job]
-    port = str(free_port())
+    ports = [str(free_port()) for _ in jobs]
+    port = ports[0]
     procs = []
     for rank in range(world_size):
         env = {
@@ -59,6 +62,7 @@ def run_ranks_in_sequence(
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": str(world_size),
             "LOCAL_WORLD_SIZE": str(world_size),
+            JOB_PORTS: ",".join(ports),
         }
         procs.append(subprocess.Popen([sys.executable, "-m", "plait.testing", str(out), *argv], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -78,6 +82,8 @@ def run_ranks_in_sequence(
 
 #: Separates the jobs ``run_ranks_in_sequence`` passes to each rank.
 JOB_SEPARATOR = "--then"
+#: Environment variable: the MASTER_PORT of each of those jobs, comma-separated.
+JOB_PORTS = "PLAIT_TEST_JOB_PORTS"
 
 
 def keep_determinism_setting(run):
@@ -551,8 +557,11 @@ def _rank_main() -> None:
             jobs.append([])
         else:
             jobs[-1].append(arg)
+    ports = os.environ.get(JOB_PORTS, "").split(",")
     results = []
-    for job in jobs:
+    for index, job in enumerate(jobs):
+        if index < len(ports) and ports[index]:
+            os.environ["MASTER_PORT"] = ports[index]
         result = train(job)
         results.append({"losses": result.losses, "grad_norms": result.grad_norms,
                         "validation_losses": result.validation_losses})

@@ -2,22 +2,25 @@
 simulated devices, and the table of converted and skipped linears."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from plait.capabilities import simulated_device
 from plait.errors import ConfigError
-from plait_float8.config import Float8Config, shape_rule, torchao_config
+from plait.nn.moe import MoE, MoEArgs
+from plait_float8.config import Float8Config, grouped_op_config, shape_rule, torchao_config
 from plait.low_precision import decide_modules, format_table
 
 TINY = ["--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny", "--training.seq_len", "64"]
 
 
-def resolved(*argv: str, device=None, world_size: int = 1):  # noqa: ANN001, ANN201
+def resolved(*argv: str, base: list[str] = TINY, device=None, world_size: int = 1):  # noqa: ANN001, ANN201
     from plait.cli.config_parsing import parse_config, parse_selection, select_plugins
     from plait.job import resolve_job
 
-    selection, rest = parse_selection([*TINY, *argv])
+    selection, rest = parse_selection([*base, *argv])
     manager, base = select_plugins(selection)
     config = parse_config(manager, base, rest, selection=selection)
     return resolve_job(config, manager, manager.model_spec(config.model.name), world_size, device=device)
@@ -111,3 +114,66 @@ def test_plan_counts_float8_all_gather_at_one_byte_per_element():
                     if path.startswith("layers.") and type(module) is torch.nn.Linear)
     saved = plain.ranks[0].all_gather_bytes - float8.ranks[0].all_gather_bytes
     assert saved == 2 * converted * (4 - 1)
+
+
+# --------------------------------------------------------------------------- MoE grouped experts
+# torchao's rowwise grouped GEMM: on CPU the options' errors, the group alignment the plugin
+# declares and the conversion of the experts' weights; numerics need a GPU with float8
+# matmuls and triton (torchao has no emulation for them).
+
+QWEN3_MOE = ["--config", "qwen3_moe_debugmodel", "--training.seq_len", "64"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"recipe": "tensorwise"}, "use --float8.recipe rowwise"),
+    ({"recipe": "rowwise", "emulate": True}, "has no emulation"),
+])
+def test_grouped_experts_options_are_checked(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Float8Config(grouped_experts=True, **options).validate()
+
+
+def test_grouped_experts_need_triton_or_are_refused():
+    argv = ("--plugins", "float8", "--float8.recipe", "rowwise", "--float8.grouped_experts", "True")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs triton"):
+            resolved(*argv, base=QWEN3_MOE, device=simulated_device("H100"))
+    else:
+        job = resolved(*argv, base=QWEN3_MOE, device=simulated_device("H100"))
+        assert job.needs.moe_group_alignment == 16
+
+
+def test_conversion_wraps_the_expert_weights():
+    from torchao.quantization import quantize_
+
+    layer = MoE(dim=64, args=MoEArgs(num_experts=4, top_k=2, hidden_dim=64))
+    quantize_(layer.experts, grouped_op_config(("float8_e4m3fnuz", "float8_e5m2fnuz")), filter_fn=lambda m, fqn: True)
+    weight = layer.experts.w1.data
+    assert type(weight).__name__ == "Float8TrainingWeightWrapperTensor"
+    assert weight.config.float8_dtype == torch.float8_e4m3fnuz and weight.config.float8_linear_recipe == "rowwise"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao's float8 grouped GEMM needs a CUDA GPU with "
+                    "float8 matmuls (SM 8.9+) and triton; no CPU or emulated path exists")
+def test_grouped_experts_sqnr_on_gpu():
+    from torchao.quantization import quantize_
+
+    torch.manual_seed(0)
+    reference = MoE(dim=256, args=MoEArgs(num_experts=4, top_k=2, hidden_dim=256)).cuda().bfloat16()
+    reference.init_weights(std=0.02, out_std=0.02)
+    reference.experts.implementation = "grouped_mm"
+    converted = copy.deepcopy(reference)
+    quantize_(converted.experts, grouped_op_config(), filter_fn=lambda m, fqn: True)
+    converted.group_alignment = 16
+    x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16)
+    outputs = []
+    for layer in (reference, converted):
+        inputs = x.clone().requires_grad_()
+        out = layer(inputs)
+        out.float().square().sum().backward()
+        outputs.append((out.float(), inputs.grad.float()))
+    for ref, actual in zip(*outputs):
+        noise = (ref - actual).norm()
+        assert 20 * torch.log10(ref.norm() / noise) >= 20.0  # the tensorwise linear bound; not measured here (no GPU)

@@ -17,13 +17,12 @@ from plait.cli import train
 from plait.testing import (
     keep_determinism_setting,
     max_differences,
-    run_ranks,
     run_ranks_in_sequence,
     train_in_this_process,
 )
 
 STEPS = 6
-#: The rowwise recipes are compared with float32 over their first steps only (time).
+#: The recipes are compared with float32 over the first steps only (time).
 RECIPE_STEPS = 3
 TOLERANCE = 1e-5
 GLOBAL_BATCH = 4
@@ -56,7 +55,7 @@ def float8(recipe: str = "tensorwise", *, plugins: str = "float8") -> list[str]:
 
 @pytest.fixture(scope="module")
 def float32_run(tmp_path_factory) -> dict[str, dict[int, float]]:
-    return train_in_this_process(job(tmp_path_factory.mktemp("float32")))
+    return train_in_this_process(job(tmp_path_factory.mktemp("float32"), steps=RECIPE_STEPS))
 
 
 @pytest.fixture(scope="module")
@@ -66,47 +65,42 @@ def tensorwise_run(tmp_path_factory) -> tuple[Path, dict[str, dict[int, float]]]
 
 
 def test_recipes_track_float32(tmp_path, float32_run, tensorwise_run):
-    """rowwise recipes over the first RECIPE_STEPS steps (tensorwise over all of them)."""
+    """Every recipe over the first RECIPE_STEPS steps."""
     for recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp"):
         if recipe == "tensorwise":
             run = tensorwise_run[1]
         else:
             run = train_in_this_process(job(tmp_path / recipe, *float8(recipe), steps=RECIPE_STEPS))
-        loss_diff = max(abs(loss - float32_run["losses"][step]) for step, loss in run["losses"].items())
+        loss_diff = max(abs(run["losses"][step] - loss) for step, loss in float32_run["losses"].items())
         assert TOLERANCE < loss_diff < FLOAT8_BAND, (recipe, loss_diff)  # float8 is in effect, and close
 
 
-def test_fsdp_layouts_match_one_process(tmp_path, tensorwise_run):
-    """FSDP 2 without and with float8 all-gather, one after the other in one launch of 2 ranks.
+def test_layouts_match_one_process(tmp_path, tensorwise_run):
+    """FSDP 2, TP 2 and FSDP 2 with float8 all-gather, one after the other in one launch of 2 ranks.
 
     Weights wrapped for the float8 all-gather draw their initial values differently
     (torchao's wrapper tensor), so that layout resumes the one-process run's step-3
     checkpoint and must then match it step for step; its resume also checks that a float8
     checkpoint resumes with the plugin."""
     folder, reference = tensorwise_run
-    all_gather = tmp_path / "float8_all_gather"
+    all_gather = tmp_path / "fsdp2_float8_all_gather"
     shutil.copytree(folder / "checkpoint" / "step-3", all_gather / "checkpoint" / "step-3")
     fsdp = (*float8(plugins="float8,fsdp"), "--parallelism.dp_shard", "2")
-    jobs = [job(tmp_path / "plain", *fsdp), job(all_gather, *fsdp, "--float8.fsdp_float8_all_gather", "True")]
-    plain, resumed = run_ranks_in_sequence(2, jobs, tmp_path / "result.json", timeout=400)
-    loss_diff, norm_diff = max_differences(plain, reference)
-    assert loss_diff < TOLERANCE and norm_diff < TOLERANCE, (loss_diff, norm_diff)
+    jobs = [job(tmp_path / "fsdp2", *fsdp), job(tmp_path / "tp2", *float8(plugins="float8,tp"), "--parallelism.tp", "2"),
+            job(all_gather, *fsdp, "--float8.fsdp_float8_all_gather", "True")]
+    fsdp2, tp2, resumed = run_ranks_in_sequence(2, jobs, tmp_path / "result.json", timeout=400)
+    for layout, run in (("fsdp2", fsdp2), ("tp2", tp2)):
+        loss_diff, norm_diff = max_differences(run, reference)
+        assert loss_diff < TOLERANCE and norm_diff < TOLERANCE, (layout, loss_diff, norm_diff)
     assert sorted(resumed["losses"]) == [4, 5, 6]
     for step in (4, 5, 6):
         assert abs(resumed["losses"][step] - reference["losses"][step]) < TOLERANCE, (step, resumed, reference)
         assert abs(resumed["grad_norms"][step] - reference["grad_norms"][step]) < TOLERANCE, (step, resumed, reference)
 
 
-def test_tp_matches_one_process(tmp_path, tensorwise_run):
-    argv = job(tmp_path, *float8(plugins="float8,tp"), "--parallelism.tp", "2")
-    run = run_ranks(2, argv, tmp_path / "result.json")
-    loss_diff, norm_diff = max_differences(run, tensorwise_run[1])
-    assert loss_diff < TOLERANCE and norm_diff < TOLERANCE, (loss_diff, norm_diff)
-
-
 def test_checkpoint_resumes_without_the_plugin(tmp_path, tensorwise_run):
     """The same weights, now trained in float32 (resuming with the plugin: the all-gather
-    layout of ``test_fsdp_layouts_match_one_process``)."""
+    layout of ``test_layouts_match_one_process``)."""
     folder, reference = tensorwise_run
     shutil.copytree(folder / "checkpoint" / "step-3", tmp_path / "checkpoint" / "step-3")
     resumed = keep_determinism_setting(lambda: train(job(tmp_path)))

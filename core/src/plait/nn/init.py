@@ -14,15 +14,17 @@ def trunc_normal_(tensor: torch.Tensor, *, std: float, mean: float = 0.0, bound:
     b=mean + bound·std)``, drawn faster: one normal draw of the whole tensor, then only the
     values that fall outside the bounds are drawn again (until none is left), where torch
     redraws the whole tensor in every round. Uses torch's default generator, so
-    ``torch.manual_seed`` makes it deterministic; a meta tensor is left as it is. Tensor
-    subclasses (DTensor) go to ``nn.init.trunc_normal_``, which draws them shard-aware.
+    ``torch.manual_seed`` makes it deterministic; a meta tensor is left as it is. DTensors
+    go to ``nn.init.trunc_normal_``, which draws them shard-aware; other tensor subclasses
+    (low-precision weight wrappers, which compute on a plain tensor inside) are drawn as
+    plain tensors, so that a converted model starts from the same weights as its reference.
     """
     if not std > 0 or not bound > 0:
         raise ValueError(f"trunc_normal_ needs std > 0 and bound > 0, got std={std}, bound={bound}")
     if tensor.is_meta:
         return tensor
     low, high = mean - bound * std, mean + bound * std
-    if type(tensor) not in (torch.Tensor, nn.Parameter):
+    if _is_dtensor(tensor):
         return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=low, b=high)
     # The bounds as the tensor's dtype represents them, so that no stored value lies outside.
     low = tensor.new_tensor(low, device="cpu").item()
@@ -36,3 +38,11 @@ def trunc_normal_(tensor: torch.Tensor, *, std: float, mean: float = 0.0, bound:
         still = (draws < low) | (draws > high)
         rejected = tuple(index[still] for index in rejected)
     return tensor
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

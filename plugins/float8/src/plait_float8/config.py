@@ -30,11 +30,26 @@ class Float8Config:
     fsdp_float8_all_gather: bool = False
     """FSDP all-gathers the converted weights in float8 (1 byte per element) with scales
     precomputed after each optimizer step. tensorwise only; needs dp_shard (or cp) > 1."""
+    grouped_experts: bool = False
+    """Also train the MoE routed experts' grouped matmuls in float8 (torchao's rowwise
+    grouped GEMM; each expert's token group padded to 16 rows). rowwise only; needs
+    float8 matmuls and triton (no emulation exists)."""
 
     def validate(self) -> None:
         if self.recipe not in RECIPES:
             raise ConfigError(f"--float8.recipe {self.recipe!r} is not a float8 recipe; choose one of: "
                               + ", ".join(RECIPES))
+        if self.grouped_experts and self.recipe != "rowwise":
+            raise ConfigError(
+                f"--float8.grouped_experts trains the experts with torchao's rowwise grouped GEMM, the only "
+                f"float8 recipe it has; recipe {self.recipe} would mix recipes: use --float8.recipe rowwise, "
+                "or drop the option"
+            )
+        if self.grouped_experts and self.emulate:
+            raise ConfigError(
+                "--float8.grouped_experts has no emulation (torchao's float8 grouped GEMM casts with triton "
+                "kernels): drop --float8.emulate on a GPU with float8 matmuls, or drop --float8.grouped_experts"
+            )
         if self.fsdp_float8_all_gather and self.recipe != "tensorwise":
             raise ConfigError(
                 f"--float8.fsdp_float8_all_gather needs --float8.recipe tensorwise (one scale per weight, "
@@ -89,3 +104,24 @@ def shape_rule(section: Float8Config):
         return None
 
     return rule
+
+
+#: Rows per expert group that torchao's float8 grouped GEMM needs (multiples of 16).
+GROUP_ALIGNMENT = 16
+
+
+def grouped_op_config(dtypes: tuple[str, str] = DEFAULT_DTYPES):  # noqa: ANN201
+    """torchao's training op config for grouped experts (rowwise, the device's forward
+    float8 type); MoE layers pad the token groups (``RunNeeds.moe_group_alignment``)."""
+    import torch
+    from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+
+    return Float8TrainingOpConfig(float8_dtype=getattr(torch, dtypes[0]), out_dtype=torch.bfloat16,
+                                  pad_token_groups_for_grouped_mm=False, float8_linear_recipe="rowwise")
+
+
+def experts_shape_rule(out_features: int, in_features: int) -> str | None:
+    """Grouped experts: alignment only (the auto filter's thresholds are for single linears)."""
+    if in_features % 16 or out_features % 16:
+        return f"in/out features {in_features}/{out_features} not multiples of 16 (float8 grouped GEMM alignment)"
+    return None

@@ -43,19 +43,23 @@ def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
 
 @hookimpl
 def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds:
+    from plait_float8.config import GROUP_ALIGNMENT
+
     section: Float8Config = config.float8
     if section.emulate:
         return RunNeeds(reason=f"float8 {section.recipe} (emulated)")
     return RunNeeds(requires=("float8_matmul",), requires_fix="or add --float8.emulate True: float8 numerics "
-                    "with high-precision matmuls, not faster", reason=f"float8 {section.recipe}")
+                    "with high-precision matmuls, not faster", reason=f"float8 {section.recipe}",
+                    moe_group_alignment=GROUP_ALIGNMENT if section.grouped_experts else 1)
 
 
 def decisions_for(model: nn.Module, section: Float8Config):  # noqa: ANN201
     from plait.low_precision import decide_modules
 
-    from plait_float8.config import shape_rule
+    from plait_float8.config import experts_shape_rule, shape_rule
 
-    return decide_modules(model, filter_fqns=section.filter_fqns, shape_rule=shape_rule(section))
+    return decide_modules(model, filter_fqns=section.filter_fqns, shape_rule=shape_rule(section),
+                          grouped_experts=section.grouped_experts, experts_shape_rule=experts_shape_rule)
 
 
 @hookimpl
@@ -70,6 +74,12 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             "parameters (dp_shard × cp = 1): add --plugins fsdp --parallelism.dp_shard N (N > 1), "
             "or drop the option"
         )
+    if section.grouped_experts:
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("--float8.grouped_experts needs triton (torchao's float8 grouped GEMM casts with "
+                              "triton kernels), which is not installed: install triton, or drop the option")
     dtypes = tuple(job.device.capabilities.float8_dtypes)
     _device_dtypes = (dtypes[0], dtypes[1]) if len(dtypes) == 2 else None
     decisions = decisions_for(job.meta_model, section)
@@ -86,9 +96,9 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
 def plait_convert_model(model: nn.Module, config: JobConfig, model_spec: ModelSpec) -> None:
     from torchao.float8 import convert_to_float8_training
 
-    from plait.low_precision import converted_paths, format_table
+    from plait.low_precision import GROUPED_EXPERTS, converted_paths, format_table
 
-    from plait_float8.config import DEFAULT_DTYPES, torchao_config
+    from plait_float8.config import DEFAULT_DTYPES, grouped_op_config, torchao_config
 
     global _logged_config
     section: Float8Config = config.float8
@@ -102,6 +112,13 @@ def plait_convert_model(model: nn.Module, config: JobConfig, model_spec: ModelSp
         module_filter_fn=lambda module, path: path in chosen,
         config=torchao_config(section, _device_dtypes or DEFAULT_DTYPES),
     )
+    experts = converted_paths(decisions, GROUPED_EXPERTS)
+    if experts:
+        from torchao.quantization import quantize_
+
+        op_config = grouped_op_config(_device_dtypes or DEFAULT_DTYPES)
+        for path in experts:
+            quantize_(model.get_submodule(path), op_config, filter_fn=lambda module, fqn: True)
     if section.recipe != "tensorwise" and config.compile.enable and config.activation_checkpoint.mode != "none":
         # Recomputed (AC) and compiled casts must round exactly like eager ones, or the
         # rowwise scales of forward and recomputation differ.
