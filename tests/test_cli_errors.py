@@ -32,7 +32,7 @@ def run(argv, capsys):
     "extra, expected",
     [
         (["--plugins", "fdsp"], "unknown plugin 'fdsp'. Did you mean 'fsdp'"),
-        (["--plugins", "torchft"], "plugin 'torchft' is not installed: pip install plait-torchft"),
+        (["--plugins", "nosuchfeature"], "plugin 'nosuchfeature' is not installed: pip install plait-nosuchfeature"),
         (["--training.step", "5"], "--training.steps"),
         (["--training.steps", "ten"], "--training.steps"),
         (["--training.dtype", "fp16"], "float32"),

@@ -36,5 +36,5 @@ def test_pip_install_then_train(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "model tinylm/debugmodel" in run.stdout
+    assert "model tinylm (debugmodel)" in run.stdout
     assert (tmp_path / "run" / "checkpoint" / "step-8").is_dir()

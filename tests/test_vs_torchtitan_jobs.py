@@ -95,12 +95,24 @@ def test_runs_see_a_gpu_only_for_a_gpu_job(device: str) -> None:
     assert (env.get("CUDA_VISIBLE_DEVICES") == "") == (device == "cpu")
 
 
+def write_tokenizer_folder(folder: Path) -> None:
+    import json
+
+    from plait.data.embedded import BOS_TOKEN, EOS_TOKEN, embedded_tokenizer, embedded_tokenizer_path
+
+    embedded_tokenizer()  # trains and caches it if needed
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(embedded_tokenizer_path().read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}))
+
+
 @pytest.mark.parametrize(("data", "compile"), [("files", False), ("embedded", True)])
 def test_plait_options_are_the_job(tmp_path: Path, data: str, compile: bool) -> None:
     from plait.cli import resolve_train_config
 
     job = JOBS["debugmodel"].with_overrides(compile=compile)
     (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
+    write_tokenizer_folder(tmp_path / "tokenizer")  # the job's vocabulary is read from it
     config = resolve_train_config(plait_argv(job, tmp_path, data), world_size=1).config
     training, optimizer = config.training, config.optimizer
     assert (config.model.name, config.model.flavor) == ("llama3", job.plait_flavor)

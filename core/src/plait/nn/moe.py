@@ -436,12 +436,12 @@ class GroupedExperts(nn.Module):
     def _use_grouped_mm(self, tokens: torch.Tensor, *, hidden_dim: int) -> bool:
         if self.implementation != "auto":
             return self.implementation == "grouped_mm"
-        # Rows of 16-byte multiples, and bf16 when traced (torch.compile) or on fake tensors
-        # (plait plan): the rules of the CUDA kernel, which torch applies to its shape function.
+        # Rows of 16-byte multiples, and bf16 when traced (torch.compile) or on fake or meta
+        # tensors (plait plan): the rules of the CUDA kernel, which torch applies to its shape function.
         aligned = all(size * tokens.element_size() % 16 == 0 for size in (tokens.shape[-1], hidden_dim))
         if not (aligned and self.grouped_mm_available and hasattr(torch, "_grouped_mm")):
             return False
-        traced = torch.compiler.is_compiling() or type(tokens) is not torch.Tensor
+        traced = torch.compiler.is_compiling() or type(tokens) is not torch.Tensor or tokens.device.type == "meta"
         return tokens.dtype == torch.bfloat16 or not traced
 
     def init_weights(self, *, std: float, out_std: float) -> None:
