@@ -38,7 +38,7 @@ def run(tmp_path_factory):
 def test_samples_during_training_leave_the_losses_and_reach_the_console_and_tensorboard(run):
     folder, sampled, plain, records = run
     assert sampled.losses == plain.losses
-    lines = [line for line in records if "greedy samples" in line]
+    lines = [line for line in records if "  samples:" in line]
     assert [line.split()[1] for line in lines] == ["1", "2"] and "'The meaning of life is' -> " in lines[0]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -119,23 +119,24 @@ def test_training_samples_leave_the_losses_bit_for_bit(tmp_path, caplog):
         _, sampled = train_toy(toy_config(tmp_path / "sampled", steps=3, sample_interval=2, sample_max_new_tokens=4,
                                           sample_prompts=("Once upon",)), ToyModelPlugin())  # fmt: skip
     assert sampled.losses == plain.losses
-    lines = [r.getMessage() for r in caplog.records if "greedy samples" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "  samples:" in r.getMessage()]
     assert [line.split()[1] for line in lines] == ["2", "3"]  # every 2 steps and after the last
     assert "'Once upon' -> " in lines[0]
 
 
 def test_training_samples_refuse_a_sharded_model_and_a_too_long_prompt(tmp_path):
     from plait.data import build_tokenizer
-    from plait.training_samples import TrainingSamples
+    from plait.training_samples import GreedyContinuations, TrainingSamples
 
     config = toy_config(tmp_path, sample_interval=1)
     config.parallelism.dp_shard = 2
     tokenizer = build_tokenizer("")
     with pytest.raises(ConfigError, match=r"needs the whole model on one process, but this run has 2 ranks \(dp_shard 2\)"):
-        TrainingSamples(config, tokenizer, device=torch.device("cpu"), world_size=2, max_len=None)
+        TrainingSamples(config, GreedyContinuations(config, tokenizer, device=torch.device("cpu"), max_len=None),
+                        world_size=2)
     config = toy_config(tmp_path, sample_interval=1, sample_max_new_tokens=10)
     with pytest.raises(ConfigError, match="make .* tokens, more than the model's 8"):
-        TrainingSamples(config, tokenizer, device=torch.device("cpu"), world_size=1, max_len=8)
+        GreedyContinuations(config, tokenizer, device=torch.device("cpu"), max_len=8)
     config.training.sample_prompts = ()
     with pytest.raises(ConfigError, match="needs --training.sample_prompts"):
         config.validate()

@@ -491,6 +491,12 @@ class MetricsProcessor:
             self._writer.add_text(tag, text, global_step=step)
             self._writer.flush()
 
+    def record_image(self, step: int, tag: str, image: Any) -> None:
+        """An RGB ``uint8 [height, width, 3]`` image to TensorBoard under ``tag`` (logging rank only)."""
+        if self.is_logging_rank and self._writer is not None:
+            self._writer.add_image(tag, image.numpy(), global_step=step, dataformats="HWC")
+            self._writer.flush()
+
     def log_text(self, msg: str, *, level: int = logging.INFO) -> None:
         """A message through the console logger, printed above the progress line (logging rank only)."""
         if self.is_logging_rank:

@@ -131,6 +131,11 @@ class ModelSpec:
     #: that need not repeat every step (frozen encoders, say) once over the run's dataset
     #: and writes what the ``data_pipeline`` reads when ``--data.dataset`` names the folder
     preprocess: Callable[[Any, str], str] | None = None
+    #: a model's own samples during training (``--training.sample_interval``):
+    #: ``(config, model_args, device) -> plait.training_samples.Sampler``, which makes a
+    #: ``Sample`` (text and/or image) of each ``--training.sample_prompts`` prompt; None:
+    #: greedy continuations of a language model
+    sampler: Callable[[Any, Any, Any], Any] | None = None
     #: plugin that registered the spec; filled in by the plugin manager
     provided_by: str = field(default="", compare=False)
 

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -123,10 +124,12 @@ class Trainer:
                                        device=self.device, pipeline=spec.data_pipeline, model_args=self.model_args)
         self.samples = None
         if config.training.sample_interval:
-            from plait.training_samples import TrainingSamples
+            from plait.training_samples import GreedyContinuations, TrainingSamples
 
-            self.samples = TrainingSamples(config, self.tokenizer, device=self.device, world_size=pd.world_size,
-                                           max_len=getattr(job.model_args, spec.seq_len_arg or "", None))
+            sampler = (spec.sampler(config, self.model_args, self.device) if spec.sampler is not None
+                       else GreedyContinuations(config, self.tokenizer, device=self.device,
+                                                max_len=getattr(job.model_args, spec.seq_len_arg or "", None)))
+            self.samples = TrainingSamples(config, sampler, world_size=pd.world_size)
         try:
             self.model_parts, self.pipeline = self._build_model()
         except RuntimeError as error:
@@ -447,11 +450,28 @@ class Trainer:
         return outcome.loss
 
     def _log_samples(self, step: int) -> None:
+        """Texts to the console and TensorBoard; images to ``<dump_folder>/samples/step-N/`` as
+        PNG files and to TensorBoard."""
+        from plait.training_samples import write_png
+
         assert self.samples is not None
         samples = self.samples.run(self.model_parts[0])
-        self.metrics.log_text("\n".join([f"step {step}  greedy samples:",
-                                          *(f"  {prompt!r} -> {text!r}" for prompt, text in samples)]))
-        self.metrics.record_text(step, "samples", "\n\n".join(f"**{prompt}**{text}" for prompt, text in samples))
+        if self.rank != 0:
+            return
+        folder = Path(self.config.job.dump_folder) / "samples" / f"step-{step}"
+        lines = [f"step {step}  samples:"]
+        for index, sample in enumerate(samples):
+            shown = repr(sample.text)
+            if sample.image is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_png(folder / f"{index}.png", sample.image)
+                self.metrics.record_image(step, f"samples/{index}", sample.image)
+                shown = f"{folder / f'{index}.png'}" + (f" {shown}" if sample.text else "")
+            lines.append(f"  {sample.prompt!r} -> {shown}")
+        self.metrics.log_text("\n".join(lines))
+        texts = [f"**{sample.prompt}**{sample.text}" for sample in samples if sample.text]
+        if texts:
+            self.metrics.record_text(step, "samples", "\n\n".join(texts))
 
     def _step_context(self, step: int, *, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None) -> StepContext:
         return StepContext(

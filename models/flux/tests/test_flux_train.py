@@ -128,3 +128,26 @@ def test_plan_reports_the_flux_step(tmp_path, capsys):
 
     assert main(["plan", "--world-size", "1", *job(tmp_path / "run")]) == 0
     assert "flux brings its own data pipeline" in capsys.readouterr().out
+
+
+def test_sampled_images_go_to_png_and_tensorboard_and_leave_the_losses_alone(tmp_path, reference):
+    import struct
+    import zlib
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder, run = reference
+    sampled = train_in_this_process(job(tmp_path, "--training.sample_interval", str(SAVED), "--flux.sample_steps", "3",
+                                        "--validation.interval", str(SAVED)))
+    assert sampled["losses"] == run["losses"]  # sampling draws from its own generator
+    for step in (SAVED, STEPS):
+        pngs = sorted((tmp_path / "samples" / f"step-{step}").glob("*.png"))
+        assert [png.name for png in pngs] == ["0.png", "1.png", "2.png"]  # the recipe's three captions
+    data = (tmp_path / "samples" / f"step-{STEPS}" / "0.png").read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    length = struct.unpack(">I", data[33:37])[0]
+    rows = zlib.decompress(data[41:41 + length])
+    assert (width, height) == (8, 8) and len(rows) == height * (1 + 3 * width)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("samples/0")] == [SAVED, STEPS]

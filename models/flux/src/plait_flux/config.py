@@ -48,6 +48,11 @@ class FluxConfig:
     """Where the frozen encoders run (cpu, cuda, ...)."""
     cache_shard_size: int = 1024
     """Samples per safetensors shard written by plait preprocess."""
+    sample_steps: int = 20
+    """Euler steps of the images sampled every --training.sample_interval steps (of the
+    captions in --training.sample_prompts)."""
+    sample_cfg_scale: float = 3.0
+    """Classifier-free guidance scale of those samples (1: the conditional velocity alone)."""
 
     def validate(self) -> None:
         if self.image_size < 4 or self.image_size % 4:
@@ -66,6 +71,9 @@ class FluxConfig:
                 raise ConfigError(f"--flux.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.encoder_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"--flux.encoder_dtype must be float32 or bfloat16, got {self.encoder_dtype!r}")
+        if self.sample_steps < 1 or self.sample_cfg_scale < 0:
+            raise ConfigError(f"--flux.sample_steps must be >= 1 and --flux.sample_cfg_scale >= 0, got "
+                              f"{self.sample_steps} and {self.sample_cfg_scale}")
         if self.cache_shard_size < 1:
             raise ConfigError(f"--flux.cache_shard_size must be >= 1, got {self.cache_shard_size}")
         if not self.validation_timesteps or not all(0.0 <= t <= 1.0 for t in self.validation_timesteps):

@@ -17,4 +17,7 @@ def flux_debug() -> JobConfig:
     config.data.held_out_share = 0.05
     config.validation.interval = 20
     config.validation.steps = 2
+    # Captions of the embedded dataset, drawn with --training.sample_interval N.
+    config.training.sample_prompts = ("a red circle at the top left", "a blue square at the centre",
+                                      "a yellow triangle at the bottom right")
     return config

@@ -39,6 +39,9 @@ class Encoders(Protocol):
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A caption -> (T5 tokens ``[caption_tokens, context]``, pooled CLIP ``[vec]``)."""
 
+    def decode_image(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C, h, w]`` (as ``encode_image`` made them, unpacked) -> images ``[B, 3, H, W]`` in [-1, 1]."""
+
 
 def encode(encoders: Encoders, image: torch.Tensor, caption: str) -> EncodedSample:
     t5, clip = encoders.encode_text(caption)
@@ -61,6 +64,9 @@ class EmbeddedEncoders:
 
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.words.encode_t5([caption])[0], self.words.encode_clip([caption])[0]
+
+    def decode_image(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(latents)
 
 
 def _folder(path: str, option: str, what: str) -> Path:
@@ -126,6 +132,11 @@ class PretrainedEncoders:
     def _ids(self, tokenizer: Any, caption: str, length: int) -> torch.Tensor:
         return tokenizer([caption], padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids.to(self.device)
+
+    @torch.no_grad()
+    def decode_image(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = (latents / self.scaling + self.shift).to(self.device, self.dtype)
+        return self.vae.decode(latents).sample.float().cpu()
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:

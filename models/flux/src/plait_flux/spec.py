@@ -7,6 +7,7 @@ from plait_flux.hf import FluxDiffusersAdapter
 from plait_flux.model import Flux, FluxArgs
 from plait_flux.pipeline import FluxPipeline, tokens_per_sample
 from plait_flux.preprocess import preprocess
+from plait_flux.sampling import FluxSampler
 
 _DEBUG = dict(in_channels=64, out_channels=64, mlp_ratio=4.0, theta=10_000, qkv_bias=True)
 
@@ -52,4 +53,5 @@ def flux_spec() -> ModelSpec:
         tokens_per_sample=tokens_per_sample,
         hf_adapter=FluxDiffusersAdapter(),
         preprocess=preprocess,
+        sampler=FluxSampler,
     )
