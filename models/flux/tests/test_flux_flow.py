@@ -68,3 +68,29 @@ def test_packing_is_2x2_patches_row_major_and_invertible():
     torch.testing.assert_close(unpack_latents(packed, 6, 8), latents)
     ids = image_ids(6, 8)
     assert ids[1 * 4 + 2].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_the_training_sampler_draws_the_image_an_exact_velocity_leads_to():
+    """With the exact velocity of one image, ``(x - x0) / t``, the sampler's noise, ids,
+    schedule, unpacking and decoding must give that image back (to the pixel rounding)."""
+    from plait.config import JobConfig
+    from plait_flux.config import FluxConfig
+    from plait_flux.embedded import ShapesDataset
+    from plait_flux.sampling import FluxSampler
+    from plait_flux.spec import FLAVORS
+
+    config = JobConfig()
+    config.flux = FluxConfig(image_size=8, sample_steps=5, sample_cfg_scale=1.0)
+    sampler = FluxSampler(config, FLAVORS["flux-debug-tiny"], torch.device("cpu"))
+    image, caption = ShapesDataset(size=4, image_size=8)[1]
+    x0 = sampler.encoders.encode_image(image)[None]
+
+    class ExactVelocity(torch.nn.Module):
+        def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+            assert img.shape[1] == img_ids.shape[1] == 4 and txt.shape[1] == txt_ids.shape[1]
+            return (img - x0) / timesteps.view(-1, 1, 1)
+
+    drawn = sampler.run(ExactVelocity(), [caption])[0].image
+    expected = ((image + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+    assert drawn.shape == (8, 8, 3) and drawn.dtype == torch.uint8
+    assert (drawn.int() - expected.int()).abs().max() <= 1
