@@ -3,7 +3,8 @@
     python benchmarks/evaluation_overhead.py [--config llama3_debugmodel] [--steps 12] [--repeats 3]
         [--validation-steps 4] [-- extra plait options]
 
-Three runs of the same job, alternated ``--repeats`` times in this process: plain; with
+Three runs of the same job, alternated ``--repeats`` times in this process (each going
+first in turn): plain; with
 validation after every step (``--validation.steps`` batches of the training's size, from
 the held-out share); with the profiler recording every step after the first two. It
 prints the median steady-state step time of each, the median time of one validation pass
@@ -59,8 +60,9 @@ def main() -> None:
 
     step: dict[str, list[float]] = {"plain": [], "validation": [], "profiler": []}
     passes: list[float] = []
-    for _ in range(args.repeats):
-        for kind in step:
+    kinds = list(step)
+    for repeat in range(args.repeats):
+        for kind in kinds[repeat % 3:] + kinds[:repeat % 3]:  # each kind goes first in turn
             with tempfile.TemporaryDirectory() as dump:
                 argv = ["--config", args.config, "--training.steps", str(args.steps), "--checkpoint.enable", "False",
                         "--metrics.enable_tensorboard", "False", "--metrics.progress", "off",
