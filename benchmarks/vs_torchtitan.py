@@ -42,6 +42,7 @@ from vs_torchtitan_jobs import JOBS, Job
 HERE = Path(__file__).resolve().parent
 RUNNERS = {"plait": HERE / "vs_torchtitan_plait.py", "torchtitan": HERE / "vs_torchtitan_titan.py"}
 SYSTEMS = ("plait", "torchtitan")
+FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 GIB = 2**30
 
 
@@ -172,7 +173,7 @@ def check_same_job(job: Job, runs: dict[str, list[dict]]) -> None:
     if plait["parameters"] != titan["parameters"] or plait["parameters"] != job.shape.num_parameters():
         problems.append(f"parameters: plait {plait['parameters']:,}, torchtitan {titan['parameters']:,}, "
                         f"job {job.shape.num_parameters():,}")
-    for key in ("threads", "compile"):
+    for key in ("threads", "compile", "float8"):
         if plait[key] != titan[key]:
             problems.append(f"{key}: plait {plait[key]}, torchtitan {titan[key]}")
     if plait["first_batch_sha256"] != titan["first_batch_sha256"]:
@@ -227,7 +228,8 @@ def print_report(summary: dict, threads: int) -> None:
     print(f"\n== {job['name']}: dim {shape['dim']}, {shape['n_layers']} layers, {shape['n_heads']} heads, vocab "
           f"{shape['vocab_size']}, ffn {shape['ffn_dim']}; batch {job['batch_size']} x seq {job['seq_len']}, "
           f"{job['steps']} steps ({job['warmup_steps']} warm-up excluded), {job['dtype']} on {job['device']}, "
-          f"{'compiled' if job['compile'] else 'eager'}, {threads} thread(s); memory = {memory}")
+          f"{'compiled' if job['compile'] else 'eager'}"
+          f"{', float8 ' + job['float8'] if job['float8'] else ''}, {threads} thread(s); memory = {memory}")
     print(f"   {'':28} {'plait':>12} {'torchtitan':>12} {'plait/titan':>12}  (range over repeats)")
     for key, label, scale, fmt in METRICS:
         row = table[key]
@@ -315,6 +317,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute dtype of every job (default: each job's own: fp32 on the CPU jobs, bf16 on 1B)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and loss on both systems")
+    parser.add_argument("--float8", choices=FLOAT8_RECIPES, default="",
+                        help="train the linear layers in float8 with this torchao recipe on both systems "
+                             "(plait's float8 plugin, torchtitan's float8 converter; emulated on CPU)")
     parser.add_argument("--json", help="write all figures to this file")
     args = parser.parse_args()
     if not args.torchtitan_python:
@@ -326,6 +331,9 @@ def main() -> None:
     for name in names:
         if (args.steps or JOBS[name].steps) <= JOBS[name].warmup_steps:
             parser.error(f"job {name}: --steps must exceed its {JOBS[name].warmup_steps} warm-up steps")
+    if args.float8 and args.compile and args.device == "cpu":
+        parser.error("--float8 with --compile needs a GPU: on CPU float8 is emulated, which torchtitan "
+                     "cannot compile; drop one of them")
     pythons = {"plait": sys.executable, "torchtitan": args.torchtitan_python}
 
     import torch
@@ -345,7 +353,7 @@ def main() -> None:
         for name in names:
             job = with_plait_schedule(JOBS[name].with_overrides(
                 steps=args.steps or JOBS[name].steps, device=args.device, compile=args.compile,
-                dtype=args.dtype or JOBS[name].dtype))
+                dtype=args.dtype or JOBS[name].dtype, float8=args.float8))
             summaries.append(run_job(job, args, workdir, pythons))
             print_report(summaries[-1], args.threads)
     except BaseException:
@@ -356,6 +364,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"date": str(datetime.date.today()), "cpu": cpu_model(),
                                                "device": device_name(args.device), "compile": args.compile,
+                                               "float8": args.float8,
                                                "cpus": os.cpu_count(), "threads": args.threads,
                                                "plait_data": args.plait_data, "jobs": summaries}, indent=2))
 

@@ -77,6 +77,12 @@ class Job:
     """``cpu`` or ``cuda`` (one device); the harness's ``--device``."""
     compile: bool = False
     """torch.compile of the model and the loss on both systems; the harness's ``--compile``."""
+    float8: str = ""
+    """torchao float8 recipe of the linear layers on both systems (``tensorwise``,
+    ``rowwise``, ``rowwise_with_gw_hp``), or "" for none; the harness's ``--float8``. Each
+    system's own module filter: the output layer stays high precision, and on a GPU each
+    skips the linears torchao's thresholds find too small to gain; on CPU both emulate
+    the float8 matmuls and convert every other linear."""
     lr: float = 8e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8

@@ -80,7 +80,17 @@ def plait_argv(job: Job, assets: Path, data: str = "files") -> list[str]:
         "--metrics.progress", "off",
         "--metrics.log_freq", "1",
         "--job.dump_folder", str(assets / "plait_outputs"),
+        *float8_argv(job),
     ]
+
+
+def float8_argv(job: Job) -> list[str]:
+    """The float8 plugin with the job's recipe; on CPU emulated, converting every linear
+    but the output layer (torchao's size thresholds are a GPU's)."""
+    if not job.float8:
+        return []
+    emulated = ["--float8.emulate", "True", "--float8.auto_filter", "False"] if job.device == "cpu" else []
+    return ["--plugins", "float8", "--float8.recipe", job.float8, "--float8.filter_fqns", "output", *emulated]
 
 
 def check_shape(args, job: Job) -> None:  # noqa: ANN001
@@ -137,6 +147,7 @@ def main() -> None:
         "lrs": {str(k): v for k, v in sorted(timer.lrs.items())},
         "device": trainer.device.type,
         "compile": config.compile.enable,
+        "float8": config.float8.recipe if "float8" in manager.enabled else "",
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         # plait never resets the device's peak: this is the whole run's
         "peak_device_bytes": torch.cuda.max_memory_allocated() if job.device == "cuda" else None,

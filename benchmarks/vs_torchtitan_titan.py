@@ -24,6 +24,12 @@ changes, each needed for the job to run on CPU and to be the same job as plait's
 * dtype: torchtitan wraps the model in FSDP2 even at one rank, with a bf16 parameter
   dtype by default; ``mixed_precision_param`` is set to the job's compute dtype and the
   master weights stay fp32 (``training.dtype``), as plait's ``--training.dtype``.
+* float8 (a job with a recipe): torchtitan's ``Float8LinearConverter`` on the model
+  config, as its float8 recipes do, with the output layer filtered; on a GPU with
+  torchao's size filter (``auto_filter_small_kn``), on CPU emulated (eager only, its
+  limit) and with no size filter, as plait's runner. torchtitan 0.3.0's config names
+  only the rowwise recipes; the converter hands the name to torchao, which still has
+  ``tensorwise``, so a tensorwise job runs torchao's tensorwise recipe there too.
 * the model shape, RoPE (no frequency scaling), AdamW hyperparameters (no weight decay
   on norm scales), LR per step, seed, clipping, no activation checkpointing and
   ``torch.compile`` of model and loss (or none) are the job's. Everything else is
@@ -72,6 +78,7 @@ from torchtitan.components.dataloader import ParallelAwareDataloader  # noqa: E4
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss  # noqa: E402
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer  # noqa: E402
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig  # noqa: E402
+from torchtitan.components.quantization import Float8LinearConverter  # noqa: E402
 from torchtitan.config import ParallelismConfig, TrainingConfig  # noqa: E402
 from torchtitan.config.configs import CompileConfig, DebugConfig  # noqa: E402
 from torchtitan.distributed import utils as dist_utils  # noqa: E402
@@ -227,6 +234,16 @@ def model_config(job: Job) -> tt_llama3.Llama3Model.Config:
     )
 
 
+def with_float8(model: tt_llama3.Llama3Model.Config, job: Job) -> tt_llama3.Llama3Model.Config:
+    """The model config with torchtitan's float8 linears for the job's recipe (if any)."""
+    if not job.float8:
+        return model
+    filters = ["output"] if ON_CPU else ["output", "auto_filter_small_kn"]
+    converter = Float8LinearConverter.Config(recipe_name=job.float8, filter_fqns=filters, emulate=ON_CPU,
+                                             model_compile_enabled=job.compile)
+    return converter.build().convert(model)
+
+
 def adamw(job: Job) -> OptimizersContainer.Config:
     kwargs = {"lr": job.lr, "betas": job.betas, "eps": job.eps}
     return OptimizersContainer.Config(param_groups=[
@@ -242,7 +259,7 @@ def benchmark_job() -> Trainer.Config:
     job = Job.from_json(Path(os.environ[JOB_ENV]).read_text())
     assets = Path(os.environ[ASSETS_ENV])
     register_corpus(assets / "corpus.jsonl")
-    model = model_config(job)
+    model = with_float8(model_config(job), job)
     spec = tt_llama3.model_registry("debugmodel")
     spec = ModelSpec(
         name="llama3", flavor=job.name, model=model, parallelize_fn=spec.parallelize_fn,
@@ -347,6 +364,7 @@ def main() -> None:
         "lrs": {str(k): v for k, v in sorted(lrs.items())},
         "device": next(trainer.model_parts[0].parameters()).device.type,
         "compile": config.compile.enable,
+        "float8": job.float8 if any(type(m).__name__ == "Float8Linear" for m in trainer.model_parts[0].modules()) else "",
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_device_bytes": peak_device_bytes if on_cuda else None,
     }
