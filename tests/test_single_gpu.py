@@ -1,0 +1,107 @@
+"""One GPU trains like one CPU, with the same command: each model package's debug recipe,
+fp32 (TF32 off, deterministic algorithms), a few steps on the GPU against the same steps on
+the CPU; then bf16 and compile on the GPU; then float8 with the GPU's own float8 matmuls
+(the CPU tests emulate them). Skipped, with the reason, on a machine without a CUDA GPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.cli import train
+from plait.testing import keep_determinism_setting
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA GPU: the CPU tests train every recipe on the CPU")
+
+STEPS = 3
+#: fp32 on both devices; GPU kernels sum in another order, so the losses agree to about
+#: 1e-5 relative on the dense models; MoE routing may flip a near-tied expert choice.
+TOLERANCE = {"llama3_debugmodel": 1e-4, "qwen3_moe_debugmodel": 2e-3, "deepseek_v3_debugmodel": 2e-3,
+             "flux_debug": 1e-3}
+PACKAGES = {"llama3_debugmodel": "plait_llama3", "qwen3_moe_debugmodel": "plait_qwen3",
+            "deepseek_v3_debugmodel": "plait_deepseek_v3", "flux_debug": "plait_flux"}
+RECIPES = tuple(TOLERANCE)
+
+
+def job(recipe: str, dump_folder: Path, *extra: str) -> list[str]:
+    return [
+        "--config", recipe,
+        "--training.steps", str(STEPS),
+        "--training.local_batch_size", "2",
+        "--training.deterministic", "True",
+        "--validation.interval", "0",
+        "--checkpoint.enable", "False",
+        "--metrics.progress", "off",
+        "--metrics.enable_tensorboard", "False",
+        "--job.dump_folder", str(dump_folder),
+        *extra,
+    ]  # fmt: skip
+
+
+def train_on_cpu(argv: list[str], monkeypatch):
+    """plait takes the GPU whenever torch sees one; the reference hides it."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        return keep_determinism_setting(lambda: train(argv))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_on_one_gpu_matches_the_cpu(recipe, tmp_path, monkeypatch):
+    pytest.importorskip(PACKAGES[recipe])
+    gpu = keep_determinism_setting(lambda: train(job(recipe, tmp_path / "gpu")))
+    cpu = train_on_cpu(job(recipe, tmp_path / "cpu"), monkeypatch)
+    differences = [abs(gpu.losses[s] - cpu.losses[s]) for s in range(1, STEPS + 1)]
+    print(f"{recipe}: GPU {[gpu.losses[s] for s in range(1, STEPS + 1)]}, largest |GPU - CPU| {max(differences):.2e}")
+    assert max(differences) < TOLERANCE[recipe], (gpu.losses, cpu.losses)
+
+
+@pytest.mark.parametrize("extra", [["--training.dtype", "bfloat16"],
+                                   ["--training.dtype", "bfloat16", "--compile.enable", "True"]],
+                         ids=["bf16", "bf16-compiled"])
+def test_llama3_bf16_and_compiled_on_one_gpu_track_fp32(extra, tmp_path):
+    fp32 = keep_determinism_setting(lambda: train(job("llama3_debugmodel", tmp_path / "fp32")))
+    run = keep_determinism_setting(lambda: train(job("llama3_debugmodel", tmp_path / "run", *extra)))
+    differences = [abs(run.losses[s] - fp32.losses[s]) for s in range(1, STEPS + 1)]
+    print(f"{' '.join(extra)}: largest |loss - fp32| {max(differences):.2e}")
+    assert max(differences) < 2e-2, (run.losses, fp32.losses)
+
+
+def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    reference, actual = reference.detach().double(), actual.detach().double()
+    return float(20 * torch.log10(reference.norm() / (reference - actual).norm()))
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_float8_matmuls_on_the_gpu_meet_the_sqnr_bounds(recipe):
+    """The float8 plugin's configuration on the GPU's own float8 matmuls (the CPU tests
+    emulate them): the same bounds as the emulated test."""
+    pytest.importorskip("plait_float8")
+    from torchao.float8 import convert_to_float8_training
+    from torch import nn
+
+    from plait.builtin import cuda_capabilities
+    from plait_float8.config import Float8Config, torchao_config
+
+    if not cuda_capabilities().has("float8_matmul"):
+        pytest.skip(f"{torch.cuda.get_device_name()} has no float8 matmuls")
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4096, 2048, bias=False)).cuda().bfloat16()
+    converted = nn.Sequential(nn.Linear(4096, 2048, bias=False)).cuda().bfloat16()
+    converted.load_state_dict(reference.state_dict())
+    convert_to_float8_training(converted, config=torchao_config(Float8Config(recipe=recipe, auto_filter=False)))
+    x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for module in (reference, converted):
+        inputs = x.clone().requires_grad_()
+        out = module(inputs)
+        out.backward(grad)
+        results.append((out, inputs.grad, module[0].weight.grad))
+    (out, grad_in, grad_w), (out8, grad_in8, grad_w8) = results
+    figures = sqnr(out, out8), sqnr(grad_in, grad_in8), sqnr(grad_w, grad_w8)
+    print(f"float8 {recipe} on {torch.cuda.get_device_name()}: SQNR output/input grad/weight grad "
+          + " / ".join(f"{f:.1f}" for f in figures))
+    gradient_bound = 20.0 if recipe == "tensorwise" else 17.0
+    assert figures[0] >= 25.0 and min(figures[1:]) >= gradient_bound, figures
