@@ -18,10 +18,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 STEPS = 3
 #: fp32 on both devices, from the same weights (the GPU draws other initial values than the
-#: CPU, so both resume from a step-1 checkpoint written on the CPU); GPU kernels sum in
-#: another order. Measured on an H200: see each test's printed figure.
-TOLERANCE = {"llama3_debugmodel": 1e-4, "qwen3_moe_debugmodel": 1e-3, "deepseek_v3_debugmodel": 1e-3,
-             "flux_debug": 1e-4}
+#: CPU, so both resume from a step-1 checkpoint written on the CPU). Measured on an H200
+#: (2026-12-04, torch 2.11): at most 9.5e-7 apart (llama3), 2.4e-7 (flux), 0 (qwen3 MoE,
+#: deepseek_v3).
+TOLERANCE = {"llama3_debugmodel": 1e-5, "qwen3_moe_debugmodel": 1e-5, "deepseek_v3_debugmodel": 1e-5,
+             "flux_debug": 1e-5}
 PACKAGES = {"llama3_debugmodel": "plait_llama3", "qwen3_moe_debugmodel": "plait_qwen3",
             "deepseek_v3_debugmodel": "plait_deepseek_v3", "flux_debug": "plait_flux"}
 RECIPES = tuple(TOLERANCE)
@@ -73,7 +74,7 @@ def test_llama3_bf16_and_compiled_on_one_gpu_track_fp32(extra, tmp_path):
     run = keep_determinism_setting(lambda: train(job("llama3_debugmodel", tmp_path / "run", *extra)))
     differences = [abs(run.losses[s] - fp32.losses[s]) for s in range(1, STEPS + 1)]
     print(f"{' '.join(extra)}: largest |loss - fp32| {max(differences):.2e}")
-    assert max(differences) < 2e-2, (run.losses, fp32.losses)
+    assert max(differences) < 2e-3, (run.losses, fp32.losses)  # measured on an H200: 2.5e-4 both
 
 
 def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
