@@ -306,6 +306,28 @@ def export_checkpoint_to_hf(
                    weights_name=getattr(adapter, "hf_weights_name", WEIGHTS_NAMES[0]))
 
 
+def export_checkpoint_to_file(
+    checkpoint_dir: str | os.PathLike[str], spec: ModelSpec, args: Any, path: str | os.PathLike[str], file_format: str,
+    *, dtype: torch.dtype | None = None,
+) -> None:  # fmt: skip
+    """Write the model weights of a plait (DCP) checkpoint as one safetensors file in one of
+    the adapter's ``file_formats``."""
+    from safetensors.torch import save_file
+
+    from plait.checkpoint import load_model_state
+
+    formats = getattr(_adapter(spec), "file_formats", {})
+    if file_format not in formats:
+        raise ConfigError(f"--format {file_format!r}: model {spec.name!r} writes no such file; its formats: "
+                          + ", ".join(["hf (a Hugging Face folder)", *formats]))
+    state_dict = spec.build_meta(args).to_empty(device="cpu").state_dict()
+    load_model_state(str(checkpoint_dir), state_dict)
+    tensors = formats[file_format](state_dict, args)
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
 def write_tokenizer_files(out_dir: str | os.PathLike[str], tokenizer: Any, *, max_length: int | None = None) -> None:
     """The run's tokenizer beside exported weights, as transformers' ``AutoTokenizer``
     reads it (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``),

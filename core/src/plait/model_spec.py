@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 class HFAdapter(Protocol):
     """Converts between plait's and Hugging Face's names, configs and tensors. An adapter
     may set ``hf_weights_name`` (default ``"model"``: ``model.safetensors``) to the file
-    stem its library reads, e.g. ``"diffusion_pytorch_model"`` for diffusers."""
+    stem its library reads, e.g. ``"diffusion_pytorch_model"`` for diffusers, and
+    ``file_formats``: other layouts ``plait convert --format NAME`` writes as one
+    safetensors file (name -> ``(state_dict, args) -> tensors``, e.g. flux's ``"bfl"``)."""
 
     #: HF ``architectures`` entries this adapter reads, e.g. ("LlamaForCausalLM",).
     hf_architectures: tuple[str, ...]
@@ -53,6 +55,12 @@ TPStyle = Literal[
     "sum_gradient",  # identity whose input gradient is summed over the tp ranks
 ]
 
+#: A module converted before sharding (``plait_convert_model``) may carry, under this
+#: attribute, a mapping from plan style name (``"colwise"``, ``"rowwise"``,
+#: ``"prepare_input"``) to the ``ParallelStyle`` class the tp plugin builds for it in place
+#: of torch's, with the same arguments (float8 linears all-gather activations in float8).
+TP_STYLE_CLASSES = "tp_style_classes"
+
 
 @dataclass(kw_only=True, frozen=True)
 class TPPlan:
@@ -70,12 +78,17 @@ class TPPlan:
     Every parameter of the model must be covered (by its module's style, a ``moe`` style
     on a module above it, or ``extra_covers``); a parameter every rank keeps whole is
     covered with the ``replicate`` style. The tp plugin checks this before any work.
+
+    ``sequence_parallel`` False: the plan keeps the activations between blocks whole on
+    every rank and has no sequence-parallel layout; the tp plugin refuses
+    ``--tp.sequence_parallel True`` for it with a message.
     """
 
     styles: Mapping[str, TPStyle]
     divisible_by_tp: tuple[str, ...] = ()
     extra: Callable[[nn.Module, DeviceMesh], Any] | None = None
     extra_covers: tuple[str, ...] = ()
+    sequence_parallel: bool = True
 
 
 @dataclass(kw_only=True)
@@ -109,6 +122,13 @@ class ModelSpec:
     #: table; context parallelism gives each rank the rows of its own positions (and
     #: rebuilds a flex ``BlockMask`` attribute named here for them)
     cp_sequence_buffers: Mapping[str, int] = field(default_factory=dict)
+    #: with a ``data_pipeline``: the named inputs indexed by sequence position (name ->
+    #: sequence dim, e.g. ``{"img": 1, "img_ids": 1}``), which context parallelism shards
+    #: like a language model's tokens, each in ``2 × cp`` chunks, with the labels on dim 1;
+    #: inputs not named here (per-sample ones) reach every rank whole. The model's attention
+    #: must be unmasked (bidirectional) and its positions come from its inputs (no
+    #: ``cp_sequence_buffers``). Empty: context parallelism refuses such a model
+    cp_sequence_inputs: Mapping[str, int] = field(default_factory=dict)
     #: parameters indexed by sequence position (patterns of parameter paths, e.g. a learned
     #: position table ``"pos_embedding.weight"``): plugins that shard activations along the
     #: sequence (tp's sequence parallelism, context parallelism) refuse such a model
@@ -120,8 +140,8 @@ class ModelSpec:
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     #: a model's own data pipeline, built instead of the token loader (``DataRequest`` ->
     #: ``DataPipeline``, ``plait.data.batch``): it yields ``(TensorBatch, labels)`` and the
-    #: model is called as ``model(**inputs)``. Plugins that shard token sequences (context
-    #: parallelism, pipeline stages) refuse such a model (``token_inputs``).
+    #: model is called as ``model(**inputs)``. Pipeline stages refuse such a model
+    #: (``token_inputs``); context parallelism needs its ``cp_sequence_inputs``.
     data_pipeline: Callable[[Any], Any] | None = None
     #: with a ``data_pipeline``: positions the model processes per sample for a run
     #: (``(config, model_args) -> int``), the "tokens" of throughput and of

@@ -5,8 +5,10 @@ image for each caption, for a diffusion model).
 Runs between steps in eval mode under ``inference_mode``: greedy decoding draws no random
 numbers, a model's sampler draws from its own seeded generator, and nothing of the training
 state changes, so the training losses are the same, bit for bit, with and without it.
-Only a model that is whole on one process can sample; a sharded or pipelined layout is
-refused before training starts.
+Only a model that is whole on one process can sample, unless its sampler names the
+parallelism it runs under (``Sampler.parallel_layouts``: every rank then samples the same
+prompts from the same seed and rank 0 writes them); any other layout is refused before
+training starts.
 """
 from __future__ import annotations
 
@@ -36,7 +38,12 @@ class Sample:
 
 
 class Sampler(Protocol):
-    """A model's own sampling (``ModelSpec.sampler(config, model_args, device)`` builds it)."""
+    """A model's own sampling (``ModelSpec.sampler(config, model_args, device)`` builds it).
+
+    A sampler may set ``parallel_layouts``, the parallelism degrees (``"dp_shard"``,
+    ``"tp"``, ...) under which ``run`` works on every rank at once with the same prompts and
+    seeds and returns the same samples (every forward a collective all ranks join); without
+    it sampling needs the whole model on one process."""
 
     def run(self, model: nn.Module, prompts: Sequence[str]) -> list[Sample]: ...
 
@@ -53,16 +60,29 @@ def write_png(path: Path, image: torch.Tensor) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
-def check_layout(config: JobConfig, *, world_size: int) -> None:
-    """Refuse sampling where the model is not whole on one process."""
-    if world_size > 1:
-        p = config.parallelism
-        layout = ", ".join(f"{name} {value}" for name, value in (("dp_replicate", p.dp_replicate), ("dp_shard",
-                           p.dp_shard), ("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)) if value != 1)
+def check_layout(config: JobConfig, *, world_size: int, parallel_layouts: frozenset[str] = frozenset()) -> None:
+    """Refuse sampling where the model is not whole on one process, unless the sampler runs
+    under every parallelism degree of the run (``parallel_layouts``)."""
+    if world_size <= 1:
+        return
+    p = config.parallelism
+    degrees = {name: value for name, value in (("dp_replicate", p.dp_replicate), ("dp_shard", p.dp_shard),
+               ("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)) if value != 1} or {"dp_shard": -1}
+    refused = [name for name in degrees if name not in parallel_layouts]
+    if not refused:
+        return
+    layout = ", ".join(f"{name} {value}" for name, value in degrees.items())
+    if not parallel_layouts:
         raise ConfigError(
             f"--training.sample_interval needs the whole model on one process, but this run has {world_size} "
-            f"ranks ({layout or 'dp_shard -1'}); drop it and sample from a checkpoint with `plait generate`"
+            f"ranks ({layout}); drop it and sample from a checkpoint with `plait generate`"
         )
+    raise ConfigError(
+        f"--training.sample_interval: this model samples under {', '.join(sorted(parallel_layouts))} only, and "
+        f"this run has {world_size} ranks ({layout}, {', '.join(refused)} not supported); drop "
+        "--training.sample_interval and sample from a checkpoint, or use a layout without "
+        f"{', '.join(refused)}"
+    )
 
 
 class GreedyContinuations:
@@ -99,7 +119,7 @@ class TrainingSamples:
     for a language model, greedy continuations."""
 
     def __init__(self, config: JobConfig, sampler: Sampler, *, world_size: int) -> None:
-        check_layout(config, world_size=world_size)
+        check_layout(config, world_size=world_size, parallel_layouts=frozenset(getattr(sampler, "parallel_layouts", ())))
         self.interval = config.training.sample_interval
         self.prompts: Sequence[str] = config.training.sample_prompts
         self.sampler = sampler

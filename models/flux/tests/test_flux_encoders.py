@@ -128,3 +128,86 @@ def test_bad_folders_are_messages(tmp_path, encoder_dirs, images):
                 shard_size=8)
     with pytest.raises(ConfigError, match="pass --flux.image_size 8 --flux.caption_tokens 6"):
         encoded_samples(config_for(tmp_path / "cache", {}, caption_tokens=7), ARGS)
+
+
+def pairs_of(source):
+    return [source[i] for i in range(len(source))]
+
+
+def test_webdataset_parquet_and_saved_hf_datasets_hold_the_folder_pairs(tmp_path, images):
+    """The same images and captions as tar shards, parquet shards and a Hugging Face
+    dataset saved on disk read as the image folder does, pixel for pixel."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from plait_flux.sources import ImageFolder, ParquetShards, SavedHFDataset, TarShards, pair_source
+
+    folder = ImageFolder(str(images), image_size=8)
+    encoded = [(images / f"{i:02d}.png").read_bytes() for i in range(len(folder))]
+    (tmp_path / "tars").mkdir()
+    for shard, indices in enumerate(([0, 1, 2, 3], [4, 5])):
+        with tarfile.open(tmp_path / "tars" / f"shard-{shard}.tar", "w") as tar:
+            for i in indices:
+                caption = folder.captions[i].encode() if i % 2 else json.dumps({"caption": folder.captions[i]}).encode()
+                for name, data in ((f"{i:04d}.png", encoded[i]), (f"{i:04d}.{'txt' if i % 2 else 'json'}", caption)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "parquet").mkdir()
+    for shard, indices in enumerate(([0, 1, 2], [3, 4, 5])):
+        table = pa.table({"image": [{"bytes": encoded[i], "path": None} for i in indices],
+                          "text": [folder.captions[i] for i in indices]})
+        pq.write_table(table, tmp_path / "parquet" / f"part-{shard}.parquet", row_group_size=2)
+    datasets = pytest.importorskip("datasets")
+    saved = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in encoded],
+                                        "caption": folder.captions}).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "hf"))
+
+    expected = pairs_of(folder)
+    for path, kind in ((tmp_path / "tars", TarShards), (tmp_path / "parquet", ParquetShards),
+                       (tmp_path / "hf", SavedHFDataset)):
+        source = pair_source(str(path), image_size=8, crop="center", seed=0)
+        assert isinstance(source, kind)
+        for (pixels, caption), (want_pixels, want_caption) in zip(pairs_of(source), expected, strict=True):
+            assert caption == want_caption
+            torch.testing.assert_close(pixels, want_pixels, rtol=0, atol=0)
+    pq.write_table(pa.table({"picture": [b""], "text": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ConfigError, match="has the columns picture, text; flux reads an image column"):
+        pair_source(str(tmp_path / "bad.parquet"), image_size=8, crop="center", seed=0)
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        info = tarfile.TarInfo("0001.png")
+        info.size = len(encoded[0])
+        tar.addfile(info, io.BytesIO(encoded[0]))
+    with pytest.raises(ConfigError, match="sample '0001' lacks a caption"):
+        pair_source(str(tmp_path / "bad.tar"), image_size=8, crop="center", seed=0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        pair_source(str(tmp_path / "nothing"), image_size=8, crop="center", seed=0)
+
+
+def test_random_crops_follow_the_seed_and_the_cache_records_it(tmp_path, encoder_dirs, images):
+    from plait_flux.sources import ImageFolder
+
+    center = pairs_of(ImageFolder(str(images), image_size=8))
+    crops = [pairs_of(ImageFolder(str(images), image_size=8, crop="random", seed=seed)) for seed in (0, 0, 1)]
+    for first, again in zip(crops[0], crops[1]):
+        torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)  # the same crop every time
+    # every image is wider than tall (20×16 and up, resized to 10×8 and up): an 8×8 square has 3+ positions
+    assert any(not torch.equal(crop[0], centred[0]) for crop, centred in zip(crops[0], center))
+    assert any(not torch.equal(crop[0], other[0]) for crop, other in zip(crops[0], crops[2]))
+
+    online_config = config_for(images, encoder_dirs, crop="random")
+    online_config.training.seed = 1
+    samples = encoded_samples(online_config, ARGS)
+    manifest = write_cache(tmp_path / "cache", samples.dataset, samples.encoders, image_size=8, caption_tokens=6,
+                           seed=1, shard_size=8, crop="random")
+    assert manifest["augmentation_seed"] == 1 and manifest["crop"] == "random"
+    assert "crop=random, augmentation_seed=1" in manifest["source"]
+    cached_config = config_for(tmp_path / "cache", {}, crop="random")
+    cached_config.training.seed = 1
+    (inputs, target), (cached_inputs, cached_target) = next(pipeline(online_config)), next(pipeline(cached_config))
+    torch.testing.assert_close(cached_target, target, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="pass --flux.image_size 8 --flux.caption_tokens 6 --flux.crop random"):
+        encoded_samples(config_for(tmp_path / "cache", {}), ARGS)

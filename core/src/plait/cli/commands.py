@@ -99,12 +99,14 @@ def train(argv: list[str]):
     if rank == 0:
         dump = config.job.dump_folder
         check_writable_folder(dump, "--job.dump_folder")
-        for enabled, sub, option in ((config.checkpoint.enable, config.checkpoint.folder, "--checkpoint.folder"),
+        # a job that does not write the run's checkpoints (another job does) reads them only
+        saves = config.checkpoint.enable and job.needs.writes_checkpoints
+        for enabled, sub, option in ((saves, config.checkpoint.folder, "--checkpoint.folder"),
                                      (config.metrics.enable_tensorboard, config.metrics.tensorboard_folder,
                                       "--metrics.tensorboard_folder")):
             if enabled:
                 check_writable_folder(os.path.join(dump, sub), option)
-        if config.checkpoint.enable:  # a second run on this folder stops before it writes anything
+        if saves:  # a second run on this folder stops before it writes anything
             from plait.checkpoint.layout import remove_leftovers
             from plait.checkpoint.lock import acquire
 
@@ -203,7 +205,8 @@ def convert_command(argv: list[str]) -> int:
     args = parse(ConvertOptions, argv, prog="plait convert", description=(
         "Export a plait checkpoint (a step-N folder) to a Hugging Face folder that transformers "
         "loads and generates from: weights, config, generation config and the run's tokenizer. "
-        "The model's shape comes from the run's config.json unless --model and --flavor are given."))
+        "The model's shape comes from the run's config.json unless --model and --flavor are given. "
+        "--format NAME writes one safetensors file in another layout the model names instead (flux: bfl)."))
     if not os.path.isdir(args.checkpoint):
         raise ConfigError(f"checkpoint folder {args.checkpoint!r} does not exist")
     run_config = _run_config_of(args.checkpoint, required=not (args.model and args.flavor))
@@ -214,6 +217,8 @@ def convert_command(argv: list[str]) -> int:
 
     spec = load_model_spec(args.model or _from_run(run_config, lambda c: c["model"]["name"]))
     model_args, described = _export_shape(spec, args, run_config)
+    if args.format != "hf":
+        return _convert_to_file(args, spec, model_args, described)
     with _staged_output(args.output) as staging:
         export_checkpoint_to_hf(args.checkpoint, spec, model_args, staging, dtype=getattr(torch, args.dtype))
         tokenizer_note = "without tokenizer files (no run config.json)"
@@ -229,6 +234,28 @@ def convert_command(argv: list[str]) -> int:
             write_tokenizer_files(staging, tokenizer, max_length=getattr(model_args, spec.seq_len_arg or "", None))
             tokenizer_note = f"with the run's tokenizer ({tokenizer.name})"
     print(f"wrote {described} ({args.dtype}) in Hugging Face format to {args.output}, {tokenizer_note}")
+    return 0
+
+
+def _convert_to_file(args: ConvertOptions, spec: Any, model_args: Any, described: str) -> int:
+    """``plait convert --format NAME``: one safetensors file, written beside and renamed."""
+    import torch
+
+    from plait.hf import export_checkpoint_to_file
+
+    output = os.path.abspath(args.output)
+    if os.path.lexists(output):
+        raise ConfigError(f"{output} already exists; choose a new output file")
+    check_writable_folder(os.path.dirname(output), "the output file's folder")
+    partial = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.partial")
+    try:
+        export_checkpoint_to_file(args.checkpoint, spec, model_args, partial, args.format,
+                                  dtype=getattr(torch, args.dtype))
+        os.rename(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    print(f"wrote {described} ({args.dtype}) as a {args.format} file to {output}")
     return 0
 
 

@@ -74,6 +74,9 @@ class ConvertOptions:
     """Model flavor (default: from the run's config.json)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the written floating-point weights (the checkpoint stores float32)."""
+    format: Annotated[str, tyro.conf.arg(metavar="NAME")] = "hf"
+    """hf: a Hugging Face folder; another name: one safetensors file OUTPUT in a layout the
+    model's adapter names (flux: bfl, a Black Forest Labs single file)."""
 
 
 def with_flag_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:

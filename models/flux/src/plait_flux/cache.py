@@ -28,7 +28,8 @@ def is_cache(path: str) -> bool:
 
 
 def write_cache(output: str | Path, dataset: Any, encoders: Encoders, *, image_size: int, caption_tokens: int,
-                seed: int, shard_size: int, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                seed: int, shard_size: int, crop: str = "center",
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Encode every sample of ``dataset`` (``(image, caption)`` pairs) into ``output``; returns the manifest."""
     from safetensors.torch import save_file
 
@@ -61,7 +62,7 @@ def write_cache(output: str | Path, dataset: Any, encoders: Encoders, *, image_s
     manifest = {
         "format": FORMAT, "version": VERSION, "samples": len(dataset), "shard_size": shard_size, "shards": shards,
         "source": dataset.identity, "encoders": encoders.identity, "augmentation_seed": seed,
-        "image_size": image_size, "caption_tokens": caption_tokens,
+        "crop": crop, "image_size": image_size, "caption_tokens": caption_tokens,
         "latent_shape": list(first.latents.shape), "t5_shape": list(first.t5.shape), "clip_dim": first.clip.shape[0],
     }  # fmt: skip
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

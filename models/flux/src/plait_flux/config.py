@@ -15,6 +15,9 @@ class FluxConfig:
     image_size: int = 32
     """Side of the square training images, in pixels (a multiple of 4 for the embedded
     autoencoder: 2×2 pixels per latent, 2×2 latents per token)."""
+    crop: str = "center"
+    """How images are cropped to a square after resizing: center, or random (a position per
+    sample drawn from --training.seed, the same every epoch and recorded in the cache)."""
     caption_tokens: int = 16
     """Text tokens per caption (longer captions are cut, shorter ones padded)."""
     embedded_samples: int = 4096
@@ -57,6 +60,8 @@ class FluxConfig:
     def validate(self) -> None:
         if self.image_size < 4 or self.image_size % 4:
             raise ConfigError(f"--flux.image_size must be a positive multiple of 4, got {self.image_size}")
+        if self.crop not in ("center", "random"):
+            raise ConfigError(f"--flux.crop must be center or random, got {self.crop!r}")
         if self.caption_tokens < 1:
             raise ConfigError(f"--flux.caption_tokens must be >= 1, got {self.caption_tokens}")
         if self.embedded_samples < 2:

@@ -3,9 +3,11 @@ single files.
 
 plait keeps the blocks in one ``blocks`` dict (double-stream ``0 .. depth-1``, then the
 single-stream ones); both reference layouts number the two kinds apart. Inside a block
-plait's names are BFL's, so the BFL table only renumbers; diffusers also splits the fused
-projections (q, k, v in double-stream blocks; q, k, v and the MLP input in single-stream
-ones) and stores the final modulation as (scale, shift) where BFL has (shift, scale).
+plait's names are BFL's, except that plait keeps apart what BFL fuses: q, k and v
+(``qkv``, ``linear1`` with the MLP input) and the single-stream attention and MLP
+outputs (``linear2``, fused in diffusers' ``proj_out`` too). Diffusers splits q, k, v and
+the MLP input like plait, and stores the final modulation as (scale, shift) where BFL
+has (shift, scale).
 """
 from __future__ import annotations
 
@@ -50,26 +52,37 @@ def single_blocks(args: FluxArgs) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class FluxTensor:
-    """One plait tensor <-> one checkpoint tensor, or several cut from it along dim 0
-    (``sizes(args)`` of each). ``{block}`` in ``ours`` and ``{layer}`` in ``theirs`` are
-    filled from ``blocks``; ``when(args)`` false skips the entry."""
+    """plait tensors <-> checkpoint tensors: one to one, or several on one side that are
+    one fused tensor on the other, concatenated along ``dim`` (``sizes(args)``: the parts'
+    lengths along it). ``{block}`` in ``ours`` and ``{layer}`` in ``theirs`` are filled
+    from ``blocks``; ``when(args)`` false skips the entry."""
 
-    ours: str
-    theirs: tuple[str, ...]
+    ours: str | tuple[str, ...]
+    theirs: str | tuple[str, ...]
     blocks: Blocks | None = None
     sizes: Callable[[FluxArgs], list[int]] | None = None
+    dim: int = 0
     transform: Transform | None = None
     when: Callable[[FluxArgs], bool] | None = None
 
-    def pairs(self, args: FluxArgs) -> list[tuple[str, list[str]]]:
+    def pairs(self, args: FluxArgs) -> list[tuple[list[str], list[str]]]:
         if self.when is not None and not self.when(args):
             return []
+        ours = (self.ours,) if isinstance(self.ours, str) else self.ours
+        theirs = (self.theirs,) if isinstance(self.theirs, str) else self.theirs
         indices = [(None, None)] if self.blocks is None else self.blocks(args)
-        return [(self.ours.format(block=block), [name.format(layer=layer) for name in self.theirs])
+        return [([name.format(block=block) for name in ours], [name.format(layer=layer) for name in theirs])
                 for block, layer in indices]
 
     def plait_keys(self, args: FluxArgs) -> list[str]:
-        return [ours for ours, _ in self.pairs(args)]
+        return [name for ours, _ in self.pairs(args) for name in ours]
+
+    def _fuse(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(tensors, dim=self.dim) if len(tensors) > 1 else tensors[0]
+
+    def _split(self, tensor: torch.Tensor, names: list[str], args: FluxArgs) -> dict[str, torch.Tensor]:
+        parts = tensor.split(self.sizes(args), dim=self.dim) if len(names) > 1 else (tensor,)
+        return {name: part.contiguous() for name, part in zip(names, parts, strict=True)}
 
     def read(self, hf: Mapping[str, torch.Tensor], args: FluxArgs, out: _Read) -> None:
         for ours, theirs in self.pairs(args):
@@ -78,24 +91,27 @@ class FluxTensor:
             if absent:
                 out.missing.extend(absent)
                 continue
-            tensor = torch.cat([hf[name] for name in theirs]) if len(theirs) > 1 else hf[theirs[0]]
-            out.state_dict[ours] = tensor if self.transform is None else self.transform.to_plait(tensor, args)
+            tensor = self._fuse([hf[name] for name in theirs])
+            if self.transform is not None:
+                tensor = self.transform.to_plait(tensor, args)
+            out.state_dict.update(self._split(tensor, ours, args))
 
     def write(self, state_dict: Mapping[str, torch.Tensor], args: FluxArgs) -> dict[str, torch.Tensor]:
         out = {}
         for ours, theirs in self.pairs(args):
-            tensor = full_tensor(state_dict[ours])
+            tensor = self._fuse([full_tensor(state_dict[name]) for name in ours])
             if self.transform is not None:
                 tensor = self.transform.to_hf(tensor, args)
-            parts = tensor.split(self.sizes(args)) if self.sizes is not None else (tensor,)
-            out.update({name: part.contiguous() for name, part in zip(theirs, parts)})
+            out.update(self._split(tensor, theirs, args))
         return out
 
 
-def _linear(ours: str, theirs: str | tuple[str, ...], **options: Any) -> list[FluxTensor]:
-    """The weight and the bias of a linear layer (``theirs`` several: a fused projection)."""
-    theirs = (theirs,) if isinstance(theirs, str) else theirs
-    return [FluxTensor(f"{ours}.{p}", tuple(f"{name}.{p}" for name in theirs), **options) for p in ("weight", "bias")]
+def _linear(ours: str | tuple[str, ...], theirs: str | tuple[str, ...], **options: Any) -> list[FluxTensor]:
+    """The weight and the bias of a linear layer (several on one side: a fused projection)."""
+    def names(side: str | tuple[str, ...], p: str) -> tuple[str, ...]:
+        return tuple(f"{name}.{p}" for name in ((side,) if isinstance(side, str) else side))
+
+    return [FluxTensor(names(ours, p), names(theirs, p), **options) for p in ("weight", "bias")]
 
 
 def _has_guidance(args: FluxArgs) -> bool:
@@ -108,6 +124,24 @@ def _qkv(args: FluxArgs) -> list[int]:
 
 def _qkv_mlp(args: FluxArgs) -> list[int]:
     return [args.hidden_size] * 3 + [args.mlp_hidden_dim]
+
+
+def _attn_mlp(args: FluxArgs) -> list[int]:
+    return [args.hidden_size, args.mlp_hidden_dim]
+
+
+def _projections(prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}{x}_proj" for x in "qkv")
+
+
+#: the single-stream block's output: plait's attention and MLP outputs, one fused linear
+#: (input features: attention, then MLP) in both reference layouts, whose one bias is attn_out's
+def _single_output(theirs: str, **options: Any) -> list[FluxTensor]:
+    return [
+        FluxTensor(("blocks.{block}.attn_out.weight", "blocks.{block}.mlp_out.weight"), theirs + ".weight",
+                   sizes=_attn_mlp, dim=1, **options),
+        FluxTensor("blocks.{block}.attn_out.bias", theirs + ".bias", **options),
+    ]
 
 
 # --------------------------------------------------------------------------- diffusers
@@ -129,8 +163,9 @@ DIFFUSERS_ENTRIES: list[FluxTensor] = [
     # double-stream blocks
     *_linear("blocks.{block}.img_mod.lin", _D + "norm1.linear", **_DOUBLE),
     *_linear("blocks.{block}.txt_mod.lin", _D + "norm1_context.linear", **_DOUBLE),
-    *_linear("blocks.{block}.img_attn.qkv", tuple(_D + f"attn.to_{x}" for x in "qkv"), sizes=_qkv, **_DOUBLE),
-    *_linear("blocks.{block}.txt_attn.qkv", tuple(_D + f"attn.add_{x}_proj" for x in "qkv"), sizes=_qkv, **_DOUBLE),
+    *(entry for x in "qkv" for entry in _linear(f"blocks.{{block}}.img_attn.{x}_proj", _D + f"attn.to_{x}", **_DOUBLE)),
+    *(entry for x in "qkv" for entry in _linear(f"blocks.{{block}}.txt_attn.{x}_proj", _D + f"attn.add_{x}_proj",
+                                                **_DOUBLE)),
     FluxTensor("blocks.{block}.img_attn.norm.query_norm.scale", (_D + "attn.norm_q.weight",), **_DOUBLE),
     FluxTensor("blocks.{block}.img_attn.norm.key_norm.scale", (_D + "attn.norm_k.weight",), **_DOUBLE),
     FluxTensor("blocks.{block}.txt_attn.norm.query_norm.scale", (_D + "attn.norm_added_q.weight",), **_DOUBLE),
@@ -143,11 +178,11 @@ DIFFUSERS_ENTRIES: list[FluxTensor] = [
     *_linear("blocks.{block}.txt_mlp.2", _D + "ff_context.net.2", **_DOUBLE),
     # single-stream blocks
     *_linear("blocks.{block}.modulation.lin", _S + "norm.linear", **_SINGLE),
-    *_linear("blocks.{block}.linear1", (*(_S + f"attn.to_{x}" for x in "qkv"), _S + "proj_mlp"), sizes=_qkv_mlp,
-             **_SINGLE),
+    *(entry for x in "qkv" for entry in _linear(f"blocks.{{block}}.{x}_proj", _S + f"attn.to_{x}", **_SINGLE)),
+    *_linear("blocks.{block}.mlp_in", _S + "proj_mlp", **_SINGLE),
     FluxTensor("blocks.{block}.norm.query_norm.scale", (_S + "attn.norm_q.weight",), **_SINGLE),
     FluxTensor("blocks.{block}.norm.key_norm.scale", (_S + "attn.norm_k.weight",), **_SINGLE),
-    *_linear("blocks.{block}.linear2", _S + "proj_out", **_SINGLE),
+    *_single_output(_S + "proj_out", **_SINGLE),
     # output
     *_linear("final_layer.adaLN_modulation.1", "norm_out.linear", transform=SwappedHalves()),
     *_linear("final_layer.linear", "proj_out"),
@@ -161,6 +196,11 @@ class FluxDiffusersAdapter(MappedHFAdapter):
     hf_architectures = (DIFFUSERS_CLASS,)
     hf_weights_name = "diffusion_pytorch_model"
     mapping = HFMapping(model="flux", entries=DIFFUSERS_ENTRIES, tied=None)
+
+    @property
+    def file_formats(self) -> dict[str, Callable[[Mapping[str, torch.Tensor], FluxArgs], dict[str, torch.Tensor]]]:
+        """``plait convert --format bfl``: a Black Forest Labs single file."""
+        return {"bfl": bfl_tensors}
 
     def args_from_hf_config(self, hf_config: dict[str, Any]) -> FluxArgs:
         class_name = hf_config.get("_class_name", DIFFUSERS_CLASS)
@@ -213,7 +253,20 @@ class FluxDiffusersAdapter(MappedHFAdapter):
 # --------------------------------------------------------------------------- Black Forest Labs
 
 
-def _bfl_entries(args: FluxArgs, plait_keys: list[str]) -> list[FluxTensor]:
+_DB = "double_blocks.{layer}."
+_SB = "single_blocks.{layer}."
+
+#: the projections BFL fuses; every other tensor has plait's name, renumbered
+BFL_FUSED: list[FluxTensor] = [
+    *_linear(_projections("blocks.{block}.img_attn."), _DB + "img_attn.qkv", sizes=_qkv, **_DOUBLE),
+    *_linear(_projections("blocks.{block}.txt_attn."), _DB + "txt_attn.qkv", sizes=_qkv, **_DOUBLE),
+    *_linear((*_projections("blocks.{block}."), "blocks.{block}.mlp_in"), _SB + "linear1", sizes=_qkv_mlp,
+             **_SINGLE),
+    *_single_output(_SB + "linear2", **_SINGLE),
+]
+
+
+def _bfl_renames(args: FluxArgs, plait_keys: list[str]) -> list[FluxTensor]:
     """plait's names with ``blocks.N.`` as ``double_blocks.N.`` / ``single_blocks.(N - depth).``."""
     entries = []
     for key in plait_keys:
@@ -222,15 +275,16 @@ def _bfl_entries(args: FluxArgs, plait_keys: list[str]) -> list[FluxTensor]:
             block = int(index)
             theirs = f"double_blocks.{block}.{rest}" if block < args.depth else \
                 f"single_blocks.{block - args.depth}.{rest}"
-            entries.append(FluxTensor(key, (theirs,)))
+            entries.append(FluxTensor(key, theirs))
         else:
-            entries.append(FluxTensor(key, (key,)))
+            entries.append(FluxTensor(key, key))
     return entries
 
 
 def bfl_mapping(args: FluxArgs) -> HFMapping:
-    plait_keys = FluxDiffusersAdapter.mapping.plait_keys(args)
-    return HFMapping(model="flux (BFL single file)", entries=_bfl_entries(args, plait_keys), tied=None)
+    fused = {key for entry in BFL_FUSED for key in entry.plait_keys(args)}
+    renamed = [key for key in FluxDiffusersAdapter.mapping.plait_keys(args) if key not in fused]
+    return HFMapping(model="flux (BFL single file)", entries=[*BFL_FUSED, *_bfl_renames(args, renamed)], tied=None)
 
 
 def load_bfl_file(path: str | Path, args: FluxArgs) -> dict[str, torch.Tensor]:
@@ -249,10 +303,15 @@ def load_bfl_file(path: str | Path, args: FluxArgs) -> dict[str, torch.Tensor]:
     return bfl_mapping(args).from_hf(tensors, args)
 
 
+def bfl_tensors(state_dict: Mapping[str, torch.Tensor], args: FluxArgs) -> dict[str, torch.Tensor]:
+    """A plait state dict in the BFL single file's names and fused layout."""
+    return bfl_mapping(args).to_hf(state_dict, args)
+
+
 def save_bfl_file(state_dict: Mapping[str, torch.Tensor], args: FluxArgs, path: str | Path) -> None:
     """Write a plait state dict as a BFL single-file checkpoint."""
     from safetensors.torch import save_file
 
-    tensors = {name: t.detach().cpu().contiguous() for name, t in bfl_mapping(args).to_hf(state_dict, args).items()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in bfl_tensors(state_dict, args).items()}
     save_file(tensors, Path(path), metadata={"format": "pt"})
 

@@ -4,10 +4,11 @@ weights, one joint attention), then single-stream blocks over the concatenated t
 by the timestep embedding (plus the guidance embedding on flux-dev) and the pooled text
 vector; RMSNorm on queries and keys.
 
-Module names follow the reference checkpoints inside each block; the blocks themselves
-live in one ``nn.ModuleDict`` ``blocks`` (the double-stream ones first, ``"0"`` ..
-``"depth-1"``, then the single-stream ones), so FSDP, activation checkpointing and
-compile wrap them one by one like any model's.
+Module names follow the reference checkpoints inside each block, except that the fused
+projections are kept apart (q, k, v and the single-stream MLP input and output) so that
+tensor parallelism can shard them. The blocks live in one ``nn.ModuleDict`` ``blocks``
+(the double-stream ones first, ``"0"`` .. ``"depth-1"``, then the single-stream ones), so
+FSDP, activation checkpointing and compile wrap them one by one like any model's.
 """
 from __future__ import annotations
 
@@ -126,30 +127,45 @@ class QKNorm(nn.Module):
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
 
 
-class FullAttention(nn.Module):
-    """Bidirectional attention with RoPE, as a module of its own: ``q, k, v`` are
-    ``[batch, heads, seq, head_dim]``; returns ``[batch, seq, heads * head_dim]``."""
+class Attention(nn.Module):
+    """Bidirectional scaled dot-product attention, as a module of its own so that context
+    parallelism can wrap it: ``q, k, v`` ``[batch, heads, seq, head_dim]`` (RoPE applied)
+    in, the same layout out."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-        q, k = apply_rope(q, pe), apply_rope(k, pe)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
 
 
-def split_heads(qkv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, L, 3 * H * D]`` -> q, k, v as ``[B, H, L, D]`` (heads counted with -1, so a
-    tensor-parallel shard of the heads reshapes the same way)."""
-    batch, length, _ = qkv.shape
-    q, k, v = qkv.view(batch, length, 3, -1, head_dim).permute(2, 0, 3, 1, 4)
-    return q, k, v
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, L, H * D]`` -> ``[B, H, L, D]`` (heads counted with -1, so a tensor-parallel
+    shard of the heads reshapes the same way)."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B, L, H * D]``."""
+    return x.transpose(1, 2).flatten(2)
 
 
 class SelfAttention(nn.Module):
+    """One stream's projections of a double-stream block. The reference checkpoints fuse
+    q, k and v into one ``qkv`` projection; plait keeps them apart so that tensor
+    parallelism can shard each by heads (the checkpoint adapters fuse and split them)."""
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
         super().__init__()
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.norm = QKNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed q, k and v ``[B, H, L, D]`` of the modulated input (RoPE not yet applied)."""
+        q, k, v = (split_heads(proj(x), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.norm(q, k, v)
+        return q, k, v
 
 
 class Modulation(nn.Module):
@@ -182,14 +198,11 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_attn", SelfAttention(dim, args.num_heads, args.qkv_bias))
             setattr(self, f"{stream}_norm2", _layer_norm(dim))
             setattr(self, f"{stream}_mlp", _mlp(dim, args.mlp_hidden_dim))
-        self.attention = FullAttention()
+        self.attention = Attention()
 
     def _qkv(self, stream: str, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-        attn: SelfAttention = getattr(self, f"{stream}_attn")
         modulated = (1 + scale) * getattr(self, f"{stream}_norm1")(x) + shift
-        q, k, v = split_heads(attn.qkv(modulated), attn.head_dim)
-        q, k = attn.norm(q, k, v)
-        return q, k, v
+        return getattr(self, f"{stream}_attn").qkv(modulated)
 
     def _finish(self, stream: str, x: torch.Tensor, attended: torch.Tensor, mod: list[torch.Tensor]) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
@@ -201,8 +214,9 @@ class DoubleStreamBlock(nn.Module):
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
         img_q, img_k, img_v = self._qkv("img", img, img_mod[0], img_mod[1])
         txt_q, txt_k, txt_v = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
-        attended = self.attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                                  torch.cat((txt_v, img_v), dim=2), pe)
+        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
+        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
+        attended = merge_heads(self.attention(q, k, torch.cat((txt_v, img_v), dim=2)))
         n_txt = txt.shape[1]
         img = self._finish("img", img, attended[:, n_txt:], img_mod)
         txt = self._finish("txt", txt, attended[:, :n_txt], txt_mod)
@@ -210,29 +224,37 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """Attention and MLP in parallel from one input projection (``linear1``), merged by ``linear2``."""
+    """Attention and MLP in parallel on one modulated input, summed into the residual.
+
+    The reference checkpoints fuse q, k, v and the MLP input into one ``linear1`` and the
+    attention and MLP outputs into one ``linear2``; plait keeps the six projections apart
+    so that tensor parallelism can shard each (heads, MLP features) on its own, and the
+    checkpoint adapters fuse and split them."""
 
     def __init__(self, args: FluxArgs) -> None:
         super().__init__()
         dim = self.hidden_size = args.hidden_size
         self.head_dim = args.head_dim
         self.mlp_hidden_dim = args.mlp_hidden_dim
-        self.linear1 = nn.Linear(dim, dim * 3 + self.mlp_hidden_dim)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden_dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.mlp_in = nn.Linear(dim, self.mlp_hidden_dim)
+        self.attn_out = nn.Linear(dim, dim)
+        self.mlp_out = nn.Linear(self.mlp_hidden_dim, dim, bias=False)  # linear2's one bias is attn_out's
         self.norm = QKNorm(self.head_dim)
         self.pre_norm = _layer_norm(dim)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(dim, double=False)
-        self.attention = FullAttention()
+        self.attention = Attention()
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec)
         modulated = (1 + scale) * self.pre_norm(x) + shift
-        qkv, mlp = self.linear1(modulated).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = split_heads(qkv, self.head_dim)
+        q, k, v = (split_heads(proj(modulated), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = self.norm(q, k, v)
-        attended = self.attention(q, k, v, pe)
-        return x + gate * self.linear2(torch.cat((attended, self.mlp_act(mlp)), dim=2))
+        attended = merge_heads(self.attention(apply_rope(q, pe), apply_rope(k, pe), v))
+        return x + gate * (self.attn_out(attended) + self.mlp_out(self.mlp_act(self.mlp_in(modulated))))
 
 
 class LastLayer(nn.Module):
@@ -288,8 +310,8 @@ class Flux(nn.Module):
         pe = positional_embedding(torch.cat((txt_ids, img_ids), dim=-2), self.args.axes_dim, self.args.theta)
         n_txt = txt.shape[1]
         x = None
-        for block in self.blocks.values():
-            if isinstance(block, DoubleStreamBlock):
+        for index, block in enumerate(self.blocks.values()):  # by position: AC and compile wrap the blocks
+            if index < self.args.depth:
                 img, txt = block(img, txt, vec, pe)
             else:
                 if x is None:

@@ -3,8 +3,9 @@ text embeddings (frozen encoders, never trained) -> the flow-matching inputs and
 
 ``--data.dataset`` picks the samples: empty, the embedded shapes dataset; a folder with a
 ``flux-cache.json``, the latents and embeddings ``plait preprocess`` wrote (no encoder is
-loaded); any other folder, images with captions (``plait_flux.sources``) encoded as they
-are read by the encoders of ``--flux.t5_dir/clip_dir/autoencoder_dir``.
+loaded); any other folder or file, image–caption pairs (an image folder, webdataset or
+parquet shards, a Hugging Face dataset saved on disk: ``plait_flux.sources``) encoded as
+they are read by the encoders of ``--flux.t5_dir/clip_dir/autoencoder_dir``.
 
 Each epoch visits the training samples in an order drawn from (seed, epoch); every global
 batch takes the next ``local_batch_size × dp_world_size`` of them and rank r keeps rows
@@ -30,7 +31,7 @@ from plait_flux.config import FluxConfig
 from plait_flux.embedded import ShapesDataset
 from plait_flux.encoders import EmbeddedEncoders, EncodedSample, Encoders, build_encoders, check_widths, encode
 from plait_flux.flow import image_ids, noised, sample_timesteps, text_ids
-from plait_flux.sources import ImageFolder
+from plait_flux.sources import pair_source
 
 _STATE_VERSION = 1
 _MIX = 1_000_003
@@ -81,10 +82,12 @@ class OnlineSamples:
         return encode(self.encoders, *self.dataset[index])
 
 
-def dataset_of(section: FluxConfig, dataset: str) -> Any:
-    """The image–caption pairs of a run: an image folder, else the embedded shapes."""
+def dataset_of(config: Any) -> Any:
+    """The image–caption pairs of a run: ``--data.dataset`` (``plait_flux.sources``), else
+    the embedded shapes."""
+    section, dataset = flux_config(config), config.data.dataset
     if dataset:
-        return ImageFolder(dataset, image_size=section.image_size)
+        return pair_source(dataset, image_size=section.image_size, crop=section.crop, seed=config.training.seed)
     return ShapesDataset(size=section.embedded_samples, image_size=section.image_size)
 
 
@@ -97,8 +100,9 @@ def encoded_samples(config: Any, args: Any) -> CachedSamples | OnlineSamples:
     if is_cache(dataset):
         samples = CachedSamples(dataset)
         manifest = samples.manifest
-        stored = {"image_size": manifest["image_size"], "caption_tokens": manifest["caption_tokens"]}
-        asked = {"image_size": section.image_size, "caption_tokens": section.caption_tokens}
+        stored = {"image_size": manifest["image_size"], "caption_tokens": manifest["caption_tokens"],
+                  "crop": manifest.get("crop", "center")}
+        asked = {"image_size": section.image_size, "caption_tokens": section.caption_tokens, "crop": section.crop}
         if stored != asked:
             raise ConfigError(f"the cache {dataset} holds {stored} but the run asks {asked}: pass "
                               + " ".join(f"--flux.{k} {v}" for k, v in stored.items()))
@@ -109,7 +113,7 @@ def encoded_samples(config: Any, args: Any) -> CachedSamples | OnlineSamples:
         raise ConfigError(f"--data.dataset {dataset} is not a plait preprocess cache (no {MANIFEST}); encoding "
                           "images needs the frozen encoders: --flux.t5_dir, --flux.clip_dir and "
                           "--flux.autoencoder_dir (local folders)")
-    return OnlineSamples(dataset_of(section, dataset), build_encoders(section, args))
+    return OnlineSamples(dataset_of(config), build_encoders(section, args))
 
 
 class FluxPipeline:

@@ -29,5 +29,5 @@ def preprocess(job: Any, output: str) -> str:
 
     manifest = write_cache(output, samples.dataset, samples.encoders, image_size=section.image_size,
                            caption_tokens=section.caption_tokens, seed=config.training.seed,
-                           shard_size=section.cache_shard_size, progress=progress)
+                           shard_size=section.cache_shard_size, crop=section.crop, progress=progress)
     return f"{manifest['samples']} encoded samples of {manifest['source']} ({len(manifest['shards'])} shard(s))"

@@ -17,6 +17,12 @@ from plait_flux.pipeline import flux_config
 
 
 class FluxSampler:
+    #: every rank draws the same images (the same captions, noise and steps), rank 0 writes
+    #: them: the FSDP/HSDP and tensor-parallel forwards are collectives all ranks join.
+    #: Context parallelism shards a training batch's tokens, not a sample's, and pipeline
+    #: stages pass token sequences: both are refused.
+    parallel_layouts = frozenset({"dp_replicate", "dp_shard", "tp"})
+
     def __init__(self, config: Any, args: Any, device: torch.device) -> None:
         self.section = flux_config(config)
         self.encoders: Encoders = build_encoders(self.section, args)

@@ -5,6 +5,7 @@ from plait.model_spec import ModelSpec
 from plait_flux.flow import flow_matching_loss
 from plait_flux.hf import FluxDiffusersAdapter
 from plait_flux.model import Flux, FluxArgs
+from plait_flux.parallel import CP_SEQUENCE_INPUTS, TP_PLAN
 from plait_flux.pipeline import FluxPipeline, tokens_per_sample
 from plait_flux.preprocess import preprocess
 from plait_flux.sampling import FluxSampler
@@ -48,6 +49,10 @@ def flux_spec() -> ModelSpec:
         build=Flux,
         flops_per_token=flops_per_token,
         block_container="blocks",
+        tp_plan=TP_PLAN,
+        cp_attention="sdpa",
+        cp_attention_modules=("blocks.*.attention",),
+        cp_sequence_inputs=CP_SEQUENCE_INPUTS,
         loss_fn=flow_matching_loss,
         data_pipeline=FluxPipeline,
         tokens_per_sample=tokens_per_sample,

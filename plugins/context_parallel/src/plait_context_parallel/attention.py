@@ -61,9 +61,11 @@ def set_rotate_method(rotate_method: str) -> None:
 
 
 @contextlib.contextmanager
-def context_parallel_attention_enabled() -> Iterator[None]:
+def context_parallel_attention_enabled(*, causal: bool = True) -> Iterator[None]:
     """Route the wrapped attention modules' ops to context-parallel attention (ring attention
-    for SDPA), for shards laid out head-tail (see ``load_balance``)."""
+    for SDPA), for shards laid out head-tail (see ``load_balance``). ``causal`` False: the
+    attention is unmasked, so which positions a rank holds does not matter to it (torch's
+    ring attention refuses load balancing there)."""
     from torch.distributed.tensor.experimental._attention import (
         _cp_options,
         _disable_context_parallel_dispatcher,
@@ -71,7 +73,7 @@ def context_parallel_attention_enabled() -> Iterator[None]:
     )
 
     load_balanced = _cp_options.enable_load_balance
-    _cp_options.enable_load_balance = True
+    _cp_options.enable_load_balance = causal
     _enable_context_parallel_dispatcher()
     try:
         yield

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from plait.data.batch import TensorBatch
 from plait.errors import ConfigError, PlaitError
 from plait_context_parallel.attention import (
     attention_module_paths,
@@ -64,6 +65,8 @@ class SequenceBuffer:
 class PreparedChunk:
     attention_paths: tuple[str, ...]
     sequence_buffers: tuple[SequenceBuffer, ...]
+    sequence_inputs: Mapping[str, int]
+    """Named inputs indexed by position (name -> sequence dim), for a model with its own data pipeline."""
 
 
 _prepared: weakref.WeakKeyDictionary[nn.Module, PreparedChunk] = weakref.WeakKeyDictionary()
@@ -107,7 +110,8 @@ def prepare_chunk(model: nn.Module, cp_mesh: DeviceMesh, model_spec: ModelSpec) 
         )
     buffers = _sequence_buffers(model, model_spec.cp_sequence_buffers, model_spec.name) if paths else ()
     wrap_attention_modules(model, cp_mesh, paths, attention)
-    prepared = PreparedChunk(attention_paths=tuple(paths), sequence_buffers=buffers)
+    prepared = PreparedChunk(attention_paths=tuple(paths), sequence_buffers=buffers,
+                             sequence_inputs=dict(model_spec.cp_sequence_inputs))
     _prepared[model] = prepared
     return prepared
 
@@ -128,26 +132,42 @@ def context_parallel_micro_batch(ctx: StepContext, cp_mesh: DeviceMesh) -> Itera
     with ring attention enabled; restore everything on exit."""
     if ctx.inputs is None:
         raise PlaitError("context parallelism needs the micro-batch's inputs in the step context")
-    seq_len = ctx.inputs.shape[BATCH_SEQ_DIM]
-    cp_degree = cp_mesh.size()
-    if seq_len % (2 * cp_degree):
-        raise ConfigError(
-            f"a micro-batch of sequence length {seq_len} cannot be split into 2 × cp = {2 * cp_degree} "
-            "equal chunks; use a --training.seq_len that is a multiple of it"
-        )
-    shard = SequenceShard.head_tail(
-        seq_len, cp_degree=cp_degree, cp_rank=cp_mesh.get_local_rank(), device=ctx.inputs.device
-    )
+    cp_degree, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
+
+    def shard_of(seq_len: int, what: str, fix: str) -> SequenceShard:
+        if seq_len % (2 * cp_degree):
+            raise ConfigError(
+                f"a micro-batch of {what} {seq_len} cannot be split into 2 × cp = {2 * cp_degree} "
+                f"equal chunks; {fix}"
+            )
+        return SequenceShard.head_tail(seq_len, cp_degree=cp_degree, cp_rank=cp_rank, device=ctx.inputs.device)
+
+    def take(tensor: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+        fix = "choose the model's sizes (image size, caption tokens) so that it is a multiple of it"
+        return shard_of(tensor.shape[dim], what, fix).take(tensor, dim=dim)
+
     full_inputs, full_labels = ctx.inputs, ctx.labels
-    buffers = [buffer for part in ctx.model_parts for buffer in prepared_chunk(part).sequence_buffers]
+    parts = [prepared_chunk(part) for part in ctx.model_parts]
+    buffers = [buffer for part in parts for buffer in part.sequence_buffers]
     originals = [getattr(buffer.owner, buffer.name) for buffer in buffers]
+    shard = None if isinstance(full_inputs, TensorBatch) else shard_of(
+        full_inputs.shape[BATCH_SEQ_DIM], "sequence length", "use a --training.seq_len that is a multiple of it")
     try:
-        ctx.inputs = shard.take(full_inputs, dim=BATCH_SEQ_DIM)
+        if isinstance(full_inputs, TensorBatch):
+            sequence_inputs = parts[0].sequence_inputs
+            ctx.inputs = TensorBatch({
+                name: take(tensor, sequence_inputs[name], f"input {name!r} of length")
+                if name in sequence_inputs else tensor
+                for name, tensor in full_inputs.items()
+            })
+        else:
+            ctx.inputs = shard.take(full_inputs, dim=BATCH_SEQ_DIM)
         if full_labels is not None:
-            ctx.labels = shard.take(full_labels, dim=BATCH_SEQ_DIM)
+            ctx.labels = shard.take(full_labels, dim=BATCH_SEQ_DIM) if shard is not None else take(
+                full_labels, BATCH_SEQ_DIM, "labels of length")
         for buffer in buffers:
             setattr(buffer.owner, buffer.name, buffer.local_view(shard))
-        with context_parallel_attention_enabled():
+        with context_parallel_attention_enabled(causal=shard is not None):  # named inputs: unmasked
             yield
     finally:
         for buffer, original in zip(buffers, originals):

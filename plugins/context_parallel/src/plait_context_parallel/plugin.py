@@ -55,11 +55,18 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
     cp = parallel_dims.cp
     if cp <= 1:
         return
-    if not model_spec.token_inputs:
+    if not model_spec.token_inputs and not model_spec.cp_sequence_inputs:
         raise ConfigError(
-            f"model {model_spec.name!r} trains on its own data pipeline's named inputs, and context "
-            f"parallelism shards token sequences only, so it cannot run with --parallelism.cp {cp}: "
-            "use --parallelism.cp 1 (shard the model with --parallelism.dp_shard instead)"
+            f"model {model_spec.name!r} trains on its own data pipeline's named inputs and names none "
+            f"of them as a sequence (its spec's cp_sequence_inputs is empty), so context parallelism "
+            f"cannot shard it: use --parallelism.cp 1 (shard the model with --parallelism.dp_shard "
+            "instead), or declare cp_sequence_inputs in its ModelSpec"
+        )
+    if not model_spec.token_inputs and model_spec.cp_sequence_buffers:
+        raise ConfigError(
+            f"model {model_spec.name!r} declares cp_sequence_buffers, which context parallelism cuts "
+            "for a token sequence only; a model with its own data pipeline computes its positions from "
+            "its named inputs (cp_sequence_inputs): fix its ModelSpec, or use --parallelism.cp 1"
         )
     if model_spec.sequence_indexed_parameters:
         raise ConfigError(

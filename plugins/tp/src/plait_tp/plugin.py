@@ -132,6 +132,12 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
         )
     check_plan_covers_model(model_spec, job.meta_model, tp)
     options = _tp_config(config)
+    if options.sequence_parallel and not model_spec.tp_plan.sequence_parallel:
+        raise ConfigError(
+            f"model {model_spec.name!r} shards its layers over the tp ranks but keeps the activations "
+            f"between them whole (its tp_plan has no sequence-parallel layout): add "
+            f"--tp.sequence_parallel False to run it with --parallelism.tp {tp}"
+        )
     if options.sequence_parallel and model_spec.sequence_indexed_parameters:
         raise ConfigError(
             f"{model_spec.name} adds parameters indexed by sequence position "
