@@ -154,6 +154,22 @@ def test_attention_matches_reference(n_kv_heads: int) -> None:
     torch.testing.assert_close(out, _reference_attention(attn, x, cache), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_attention_on_cpu_runs_in_fp32_under_autocast() -> None:
+    """bf16 q, k, v (autocast or not) attend through the fp32 kernel, faster on CPU: the
+    output is the fp32 attention of the bf16 inputs rounded once, and the gradients flow."""
+    from plait.nn.attention import ScaledDotProductAttention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ScaledDotProductAttention()(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
 def test_attention_is_causal() -> None:
     torch.manual_seed(0)
     attn = Attention(dim=16, n_heads=2)

@@ -43,6 +43,9 @@ class Job:
     """What the enabled plugins declared for this run, combined."""
     device: DeviceInfo
     """The device this run trains on (hook ``plait_device``), with its capabilities."""
+    tokenizer: Any = None
+    """The run's tokenizer, built once while resolving the vocabulary (None where the model
+    reads no token ids); the trainer's data uses the same one."""
 
     @property
     def hook(self) -> Any:
@@ -117,7 +120,8 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
     then the sequence length the needs imply."""
     from plait.capabilities import check_requirements
 
-    declared_model_args = resolve_model_args(spec, config)
+    tokenizer = run_tokenizer(spec, config)
+    declared_model_args = resolve_model_args(spec, config, tokenizer=tokenizer)
     model_args = spec.follow_seq_len(declared_model_args, config.training.seq_len)
     if device is None:
         device = plugins.hook.plait_device(config=config)
@@ -126,6 +130,7 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
     check_requirements(device, [(name, need.requires, need.requires_fix) for name, need in needs_by_plugin])
     needs = RunNeeds.combine([need for _, need in needs_by_plugin])
     parallel_dims.replica_groups, parallel_dims.replica_group = needs.replica_groups, needs.replica_group
+    place_job_outputs(config, needs)
     job = Job(
         config=config,
         plugins=plugins,
@@ -136,17 +141,41 @@ def resolve_with_plugins(config: JobConfig, plugins: PluginManager, spec: ModelS
         grad_accumulation_steps=grad_accumulation_steps(config, parallel_dims),
         needs=needs,
         device=device,
+        tokenizer=tokenizer,
     )
     plugins.hook.plait_validate(config=config, parallel_dims=parallel_dims, model_spec=spec, job=job)
     check_sequence_length(config.training.seq_len, needs)
     return job
 
 
+def place_job_outputs(config: JobConfig, needs: CombinedNeeds) -> None:
+    """A job that shares its dump folder with the other jobs of a run (``needs.job_folder``)
+    writes its outputs to ``<dump_folder>/<job_folder>``; the run's checkpoint folder stays
+    ``<dump_folder>/<checkpoint.folder>`` (made absolute, so that it no longer follows the
+    dump folder). A config saved by such a job (already placed) is left as it is."""
+    import os
+
+    dump = config.job.dump_folder
+    if not needs.job_folder or os.path.basename(os.path.normpath(dump)) == needs.job_folder:
+        return
+    config.checkpoint.folder = os.path.join(os.path.abspath(dump), config.checkpoint.folder)
+    config.job.dump_folder = os.path.join(dump, needs.job_folder)
+
+
 #: The flavor a model trains when neither --model.flavor nor --model.hf_dir says otherwise.
 DEFAULT_FLAVOR = "debugmodel"
 
 
-def resolve_model_args(spec: ModelSpec, config: JobConfig) -> Any:
+def run_tokenizer(spec: ModelSpec, config: JobConfig) -> Any:
+    """The tokenizer of --data.tokenizer where the model's vocabulary follows one, else None."""
+    if spec.vocab_arg is None or not spec.token_inputs:
+        return None
+    from plait.data import build_tokenizer
+
+    return build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token, eos_token=config.data.eos_token)
+
+
+def resolve_model_args(spec: ModelSpec, config: JobConfig, *, tokenizer: Any = None) -> Any:
     """The model args the run declares: the shape of ``--model.hf_dir``'s checkpoint (which
     a ``--model.flavor`` must then agree with) or of the flavor, with ``--model.args``
     overrides on top. Without either, the flavor is ``debugmodel`` where the model has one."""
@@ -169,22 +198,21 @@ def resolve_model_args(spec: ModelSpec, config: JobConfig) -> Any:
     if model.args:
         args = replace_args(args, model.args)
         _check_buildable(spec, args, model.args)
-    return _with_tokenizer_vocabulary(spec, config, args)
+    return _with_tokenizer_vocabulary(
+        spec, config, args, tokenizer if tokenizer is not None else run_tokenizer(spec, config))
 
 
 def padded_vocabulary(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple
 
 
-def _with_tokenizer_vocabulary(spec: ModelSpec, config: JobConfig, args: Any) -> Any:
+def _with_tokenizer_vocabulary(spec: ModelSpec, config: JobConfig, args: Any, tokenizer: Any) -> Any:
     """Trained from scratch, the vocabulary is the tokenizer's, padded; a checkpoint's (or
     one set with --model.args) must hold the tokenizer's ids."""
-    from plait.data import build_tokenizer
     from plait.model_args import replace_args
 
-    if spec.vocab_arg is None or not spec.token_inputs:
+    if tokenizer is None:
         return args
-    tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token, eos_token=config.data.eos_token)
     model = config.model
     if not model.hf_dir and spec.vocab_arg not in model.args and model.vocab == "tokenizer":
         return replace_args(args, {spec.vocab_arg: padded_vocabulary(tokenizer.vocab_size, model.vocab_multiple)})

@@ -4,6 +4,7 @@ through hooks, always in the fixed hook order (docs/plugins.md)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -97,6 +98,12 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+@functools.lru_cache(maxsize=64)
+def _share_metric(label: str) -> str:
+    """The metric name of a data source's share: its file or folder name."""
+    return f"data/share/{os.path.basename(label.rstrip('/')) or label}"
+
+
 class Trainer:
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -172,6 +179,7 @@ class Trainer:
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             states=extra_states,
+            writes=job.needs.writes_checkpoints,
         )
         self.resumed_from = self.checkpointer.load()
         self._apply_schedule()
@@ -234,8 +242,10 @@ class Trainer:
             ))
         from plait.data import build_dataloader, build_tokenizer
 
-        tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token,
-                                    eos_token=config.data.eos_token)
+        tokenizer = self.job.tokenizer
+        if tokenizer is None:
+            tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token,
+                                        eos_token=config.data.eos_token)
         loader = build_dataloader(config.data, tokenizer, seq_len=config.training.seq_len,
                                   local_batch_size=config.training.local_batch_size,
                                   dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree)
@@ -409,11 +419,7 @@ class Trainer:
                 metrics = self.metrics.record_step(
                     step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens_per_step * pd.dp_degree, seconds=seconds,
                     tokens_seen=self.train_state.tokens_seen, data_wait_seconds=self.step_times.data_wait,
-                    extra=ctx.results.get("metrics"),
-                    details={**ctx.results.get("metric_details", {}), **self.step_times.as_metrics(),
-                         **self._skipped_rows(),
-                             **{f"data/share/{os.path.basename(label.rstrip('/')) or label}": share
-                                for label, share in self._source_shares().items()}},
+                    extra=ctx.results.get("metrics"), details=self._step_details(ctx),
                 )
                 if self.rank == 0 and (step % config.metrics.log_freq == 0 or step == total_steps):
                     self.hook.plait_log_metrics(step=step, metrics=metrics, config=config)
@@ -436,10 +442,18 @@ class Trainer:
         result.summary = self.metrics.summary()
         return result
 
-    def _source_shares(self) -> dict[str, float]:
-        """A data mixture's realized shares; a model's own pipeline may report none."""
+    def _step_details(self, ctx: StepContext) -> dict[str, float]:
+        """TensorBoard-only metrics of a step: the plugins' details, where the step's time
+        went, bad rows skipped and a data mixture's realized shares (a model's own pipeline
+        may report none)."""
+        details = {**ctx.results.get("metric_details", {}), **self.step_times.as_metrics()}
+        skipped = getattr(self.dataloader, "skipped_rows", 0)
+        if skipped:
+            details["data/bad_rows_skipped"] = float(skipped)
         shares = getattr(self.dataloader, "source_shares", None)
-        return shares() if shares is not None else {}
+        for label, share in (shares() if shares is not None else {}).items():
+            details[_share_metric(label)] = share
+        return details
 
     def _validate(self, step: int) -> float:
         assert self.validator is not None
@@ -524,10 +538,6 @@ class Trainer:
             self.checkpointer.wait()
             saved = f"checkpoint step {finished} is saved; resume with the same command once the data is fixed"
         return DataError(f"step {step}: the training data has a bad row: {error} ({saved})")
-
-    def _skipped_rows(self) -> dict[str, float]:
-        skipped = getattr(self.dataloader, "skipped_rows", 0)
-        return {"data/bad_rows_skipped": float(skipped)} if skipped else {}
 
     def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
         from plait.checkpoint import list_checkpoints
