@@ -12,11 +12,13 @@ start of a run, and a run that would convert nothing is refused with it.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from plait.errors import ConfigError
 from plait.model_spec import module_path_matches
 
 #: (out_features, in_features) -> the reason to skip a module of that shape, or None.
@@ -93,3 +95,27 @@ def format_table(title: str, decisions: Sequence[ModuleDecision]) -> str:
         shape = f"{d.in_features}->{d.out_features}" + (" ×E" if d.kind == GROUPED_EXPERTS else "")
         lines.append(f"  {d.path:<{width}}  {shape:>14}  {status}  {d.reason}".rstrip())
     return "\n".join(lines)
+
+
+def refuse_converting_nothing(plugin: str, model: str, decisions: Sequence[ModuleDecision], *,
+                              hint: str = "") -> None:
+    """One ``ConfigError`` with the table when ``--plugins plugin`` would convert no module."""
+    if not any(d.converted for d in decisions):
+        raise ConfigError(
+            f"--plugins {plugin} would convert no module of {model}:\n" + format_table(plugin, decisions)
+            + f"\nrelax --{plugin}.filter_fqns{hint}, or drop {plugin} from --plugins"
+        )
+
+
+#: logger name -> id of the config whose table that logger logged last.
+_logged_for: dict[str, int] = {}
+
+
+def log_table_once(logger: logging.Logger, title: str, decisions: Sequence[ModuleDecision], config: object) -> bool:
+    """Log the table once per run (a run converts a model per chunk, and once more for its
+    reference weights); True when it was logged now."""
+    if _logged_for.get(logger.name) == id(config):
+        return False
+    _logged_for[logger.name] = id(config)
+    logger.info("%s", format_table(title, decisions))
+    return True

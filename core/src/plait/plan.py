@@ -51,7 +51,8 @@ class RankPlan:
     all_gather_bytes: int = 0
     """Bytes this rank's all-gathers produce during one micro-batch's forward and backward
     (FSDP's parameter gathers, tensor parallelism's): the gathered tensors as they are
-    sent, so float8 all-gather counts converted weights at 1 byte per element."""
+    sent, so float8 all-gather counts converted weights (FSDP) and activations (float8
+    tensor parallelism) at 1 byte per element, plus their scales."""
     note: str = ""
 
     @property
@@ -230,8 +231,19 @@ class AllGatherBytes(TorchDispatchMode):
         namespace, _, name = func.name().partition("::")
         if namespace in COLLECTIVE_NAMESPACES and ("all_gather" in name or "allgather" in name):
             gathered = args[0] if namespace == "c10d" else result  # c10d's operators write into args[0]
-            self.bytes += sum(t.numel() * t.element_size() for t in _tensors(gathered))
+            self.bytes += sum(_payload_bytes(t) for t in _tensors(gathered))
         return result
+
+
+def _payload_bytes(tensor: torch.Tensor) -> int:
+    """A tensor subclass (a float8 tensor) counts the tensors it holds (1-byte data, scales),
+    not its nominal dtype."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_payload_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -359,7 +371,7 @@ def format_plan(plan: Plan, *, device_memory_gib: float = 0.0) -> str:
             "gathered parameters, gradients and temporaries of one micro-batch",
             f"    estimated peak      {'':>16}  {_size(rank.peak_bytes):>12}",
             f"    all-gathered        {'':>16}  {_size(rank.all_gather_bytes):>12}   per micro-batch, in the "
-            "dtypes gathered (float8 all-gather: 1 byte per converted weight element)",
+            "dtypes gathered (float8: 1 byte per element, plus scales)",
         ]
         if rank.note:
             lines.append(f"    note: {rank.note}")

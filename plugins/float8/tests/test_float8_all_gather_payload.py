@@ -1,8 +1,9 @@
 """FSDP's all-gather of float8-converted weights carries 1 byte per element with
 --float8.fsdp_float8_all_gather (float8_e4m3fn; uint8 when a group mixes it with
 high-precision parameters) and 4 in float32 without, measured on FSDP's own all-gather
-buffers. A fake process group of 2 ranks in this process: the sizes are real, the
-gathered values are not (and are not read)."""
+buffers; tensor parallelism with the float8 styles gathers activations and gradients at
+1 byte per element. A fake process group of 2 ranks in this process: the sizes are real,
+the gathered values are not (and are not read)."""
 from __future__ import annotations
 
 import pytest
@@ -57,3 +58,44 @@ def test_all_gather_payload(fake_two_ranks):
     elements_per_rank = 2 * 64 * 64 // 2
     assert gathered_payload(all_gather=True) == [("float8_e4m3fn", elements_per_rank * 1)]
     assert gathered_payload(all_gather=False) == [("float32", elements_per_rank * 4)]
+
+
+def test_tp_activation_payload_matches_the_plan_count(fake_two_ranks):
+    """Tensor parallelism with the float8 styles on a column- then row-parallel pair whose
+    parent gathers the sequence-sharded input: the forward gathers that input once in
+    e4m3 and the backward the row-parallel output's gradient in e5m2, 1 byte per element
+    each (recorded where the float8 data enters the collective); ``plait plan``'s count of
+    the same step adds the two 4-byte scales."""
+    pytest.importorskip("plait_tp")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchao.float8 import convert_to_float8_training, float8_ops
+
+    from plait.plan import AllGatherBytes
+    from plait_float8.tensor_parallel import gather_float8_as_bytes, mark_float8_styles
+    from plait_tp.plan import StyleOptions, apply_plan
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(64, 128, bias=False), nn.Linear(128, 64, bias=False)))
+    convert_to_float8_training(model, config=torchao_config(Float8Config(emulate=True, auto_filter=False)))
+    styles = {"0": "prepare_input", "0.0": "colwise", "0.1": "rowwise"}
+    assert mark_float8_styles(model, styles) == ["0", "0.0", "0.1"]
+    apply_plan(model, init_device_mesh("cpu", (2,)), styles, StyleOptions())
+    gather_float8_as_bytes()
+    op = torch.ops._c10d_functional.all_gather_into_tensor.default
+    installed, gathered = float8_ops.FLOAT8_OPS_TABLE[op], []
+
+    def recording(aten_op, args, kwargs=None):  # noqa: ANN001, ANN202
+        data = args[0]._data
+        gathered.append((str(data.dtype).removeprefix("torch."), 2 * data.numel() * data.element_size()))
+        return installed(aten_op, args, kwargs)
+
+    float8_ops.FLOAT8_OPS_TABLE[op] = recording
+    try:
+        with AllGatherBytes() as counted:
+            local = torch.randn(2, 8, 64)  # this rank's half of 16 positions
+            out = model(local)
+            out.backward(torch.ones_like(out))
+    finally:
+        float8_ops.FLOAT8_OPS_TABLE[op] = installed
+    tokens = 2 * 16
+    assert gathered == [("float8_e4m3fn", tokens * 64), ("float8_e5m2", tokens * 64)]
+    assert counted.bytes == sum(size for _, size in gathered) + 2 * 4

@@ -17,13 +17,9 @@ TINY = ["--config", "llama3_debugmodel", "--model.flavor", "debugmodel_tiny", "-
 
 
 def resolved(*argv: str, base: list[str] = TINY, device=None, world_size: int = 1):  # noqa: ANN001, ANN201
-    from plait.cli.config_parsing import parse_config, parse_selection, select_plugins
-    from plait.job import resolve_job
+    from plait.cli import resolve_train_config
 
-    selection, rest = parse_selection([*base, *argv])
-    manager, base = select_plugins(selection)
-    config = parse_config(manager, base, rest, selection=selection)
-    return resolve_job(config, manager, manager.model_spec(config.model.name), world_size, device=device)
+    return resolve_train_config([*base, *argv], world_size=world_size, device=device)
 
 
 def test_unknown_recipe_lists_the_recipes():
@@ -114,6 +110,59 @@ def test_plan_counts_float8_all_gather_at_one_byte_per_element():
                     if path.startswith("layers.") and type(module) is torch.nn.Linear)
     saved = plain.ranks[0].all_gather_bytes - float8.ranks[0].all_gather_bytes
     assert saved == 2 * converted * (4 - 1)
+
+
+def test_plan_counts_float8_tp_activations_at_one_byte_per_element():
+    """Under TP 2 with tensorwise float8, each block all-gathers its attention and
+    feed-forward inputs (forward) and the gradients of its two row-parallel outputs
+    (backward) in float8: 1 byte per element plus a 4-byte scale. The LM head's input and
+    the embedding's output gradient stay float32. rowwise keeps torch's plain styles.
+    Parameters, gradients and optimizer state stay float32 either way."""
+    from plait.plan import plan
+
+    tp2 = ("--plugins", "float8,tp", "--parallelism.tp", "2", "--float8.emulate", "True",
+           "--float8.auto_filter", "False")
+    job = resolved(*tp2, world_size=2)
+    tensorwise = plan(job).ranks[0]
+    rowwise = plan(resolved(*tp2, "--float8.recipe", "rowwise", world_size=2)).ranks[0]
+    activation = job.config.training.local_batch_size * job.config.training.seq_len * job.model_args.dim
+    layers = job.model_args.n_layers
+    assert tensorwise.all_gather_bytes == 4 * layers * (activation * 1 + 4) + 2 * activation * 4
+    assert rowwise.all_gather_bytes == (4 * layers + 2) * activation * 4
+    for field in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
+        assert getattr(tensorwise, field) == getattr(rowwise, field), field
+    assert tensorwise.parameter_bytes == 4 * tensorwise.parameters
+
+
+def test_float8_tp_styles_go_to_converted_linears_and_their_all_float8_parents():
+    """A module the plan prepares gets the float8 input preparation only when every linear
+    below it is converted: with layers.0.attention.wq kept in high precision, that
+    attention gathers its input in high precision, and its converted siblings cast it."""
+    from torchao.float8 import convert_to_float8_training
+
+    from plait_float8.tensor_parallel import mark_float8_styles
+    from plait_llama3.spec import TP_PLAN, llama3_spec
+    from plait.model_spec import TP_STYLE_CLASSES
+
+    spec = llama3_spec()
+    model = spec.build_meta(spec.args_for("debugmodel_tiny"))
+    section = Float8Config(emulate=True, auto_filter=False, filter_fqns=["output", "layers.0.attention.wq"])
+    chosen = {d.path for d in decide_modules(model, filter_fqns=section.filter_fqns, shape_rule=shape_rule(section))
+              if d.converted}
+    convert_to_float8_training(model, module_filter_fn=lambda m, path: path in chosen, config=torchao_config(section))
+    marked = set(mark_float8_styles(model, TP_PLAN.styles))
+    assert marked == chosen | {"layers.0.feed_forward", "layers.1.attention", "layers.1.feed_forward"}
+    assert not hasattr(model.get_submodule("layers.0.attention"), TP_STYLE_CLASSES)
+    classes = getattr(model.get_submodule("layers.1.attention"), TP_STYLE_CLASSES)
+    assert classes["prepare_input"].__name__ == "PrepareFloat8ModuleInput"
+
+
+def test_float8_tp_styles_need_tensorwise_and_e4m3fn():
+    from plait_float8.tensor_parallel import why_not_float8_styles
+
+    assert why_not_float8_styles(Float8Config(), "float8_e4m3fn") is None
+    assert "scales rows" in why_not_float8_styles(Float8Config(recipe="rowwise"), "float8_e4m3fn")
+    assert "float8_e4m3fn only" in why_not_float8_styles(Float8Config(), "float8_e4m3fnuz")
 
 
 # --------------------------------------------------------------------------- MoE grouped experts

@@ -16,13 +16,9 @@ EMULATED = ("--plugins", "mxfp8", "--mxfp8.emulate", "True")
 
 
 def resolved(*argv: str, base: list[str] = TINY, device=None, world_size: int = 1):  # noqa: ANN001, ANN201
-    from plait.cli.config_parsing import parse_config, parse_selection, select_plugins
-    from plait.job import resolve_job
+    from plait.cli import resolve_train_config
 
-    selection, rest = parse_selection([*base, *argv])
-    manager, config_base = select_plugins(selection)
-    config = parse_config(manager, config_base, rest, selection=selection)
-    return resolve_job(config, manager, manager.model_spec(config.model.name), world_size, device=device)
+    return resolve_train_config([*base, *argv], world_size=world_size, device=device)
 
 
 def test_unknown_recipe_lists_the_recipes():

@@ -257,3 +257,24 @@ def test_styles_follow_sequence_and_loss_parallel_options():
     assert type(build_style("sequence_parallel", plain)).__name__ == "ReplicatedParameters"
     with pytest.raises(ConfigError, match="unknown tensor-parallel style 'diagonal'"):
         build_style("diagonal", sp)  # type: ignore[arg-type]
+
+
+def test_a_module_can_ask_for_its_own_style_classes():
+    """``TP_STYLE_CLASSES`` on a module replaces torch's class for that style, with the
+    same arguments; other styles keep torch's."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+    class MyRowwise(RowwiseParallel):
+        pass
+
+    class MyPrepare(PrepareModuleInput):
+        pass
+
+    classes = {"rowwise": MyRowwise, "prepare_input": MyPrepare}
+    sp = StyleOptions(sequence_parallel=True)
+    rowwise = build_style("rowwise", sp, classes)
+    assert type(rowwise) is MyRowwise and rowwise.output_layouts == (Shard(1),)
+    prepare = build_style("prepare_input", sp, classes)
+    assert type(prepare) is MyPrepare and prepare.desired_input_layouts == (Replicate(),)
+    assert type(build_style("colwise", sp, classes)) is ColwiseParallel

@@ -239,10 +239,11 @@ def parse_config(manager, base, argv: list[str], *, prog: str = "plait train",
 
 
 def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog: str = "plait train",
-                         options: Any = None):
+                         options: Any = None, device: Any = None):
     """Phase 1 + phase 2 + every check that runs before any work, once: the resolved ``Job``.
     The world size is torchrun's unless given. ``options``: the calling command's own
-    options (e.g. ``PlanOptions``), already parsed, shown by --help."""
+    options (e.g. ``PlanOptions``), already parsed, shown by --help. ``device``: the
+    device to check against (tests, ``plait.capabilities.simulated_device``)."""
     selection, rest = parse_selection(argv, prog=prog)
     manager, base = select_plugins(selection, for_help=wants_help(rest))
     config = parse_config(manager, base, rest, prog=prog, selection=selection, options=options)  # --help exits here
@@ -250,4 +251,5 @@ def resolve_train_config(argv: list[str], *, world_size: int | None = None, prog
     from plait.launch import world_size_from_env
 
     spec = manager.model_spec(config.model.name)
-    return resolve_job(config, manager, spec, world_size_from_env() if world_size is None else world_size)
+    return resolve_job(config, manager, spec, world_size_from_env() if world_size is None else world_size,
+                       device=device)

@@ -10,6 +10,8 @@ from plait.errors import ConfigError
 from plait.train_state import RunNeeds
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from torch import nn
 
     from plait.config import JobConfig
@@ -30,8 +32,6 @@ logger = logging.getLogger("plait.float8")
 #: The float8 pair of this process's device, chosen in ``plait_validate`` (which runs before
 #: any conversion in every process) from the device's capabilities.
 _device_dtypes: tuple[str, str] | None = None
-#: The config whose table of converted and skipped linears was logged (once per run).
-_logged_config: int | None = None
 
 
 @hookimpl
@@ -65,7 +65,7 @@ def decisions_for(model: nn.Module, section: Float8Config):  # noqa: ANN201
 @hookimpl
 def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec, job: Job) -> None:
     global _device_dtypes
-    from plait.low_precision import format_table
+    from plait.low_precision import refuse_converting_nothing
 
     section: Float8Config = config.float8
     if section.fsdp_float8_all_gather and not parallel_dims.fsdp_enabled:
@@ -82,36 +82,30 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
                               "triton kernels), which is not installed: install triton, or drop the option")
     dtypes = tuple(job.device.capabilities.float8_dtypes)
     _device_dtypes = (dtypes[0], dtypes[1]) if len(dtypes) == 2 else None
-    decisions = decisions_for(job.meta_model, section)
-    if not any(d.converted for d in decisions):
-        hint = " (or --float8.auto_filter False for small models)" if section.auto_filter else ""
-        raise ConfigError(
-            f"--plugins float8 would convert no linear layer of {model_spec.name}/{config.model.flavor}:\n"
-            + format_table("float8", decisions)
-            + f"\nrelax --float8.filter_fqns{hint}, or drop float8 from --plugins"
-        )
+    hint = " (or --float8.auto_filter False for small models)" if section.auto_filter else ""
+    refuse_converting_nothing("float8", f"{model_spec.name}/{config.model.flavor}",
+                              decisions_for(job.meta_model, section), hint=hint)
 
 
 @hookimpl
 def plait_convert_model(model: nn.Module, config: JobConfig, model_spec: ModelSpec) -> None:
     from torchao.float8 import convert_to_float8_training
 
-    from plait.low_precision import GROUPED_EXPERTS, converted_paths, format_table
+    from plait.low_precision import GROUPED_EXPERTS, converted_paths, log_table_once
 
     from plait_float8.config import DEFAULT_DTYPES, grouped_op_config, torchao_config
 
-    global _logged_config
     section: Float8Config = config.float8
     decisions = decisions_for(model, section)
-    if _logged_config != id(config):
-        _logged_config = id(config)
-        logger.info("%s", format_table(f"float8 {section.recipe}", decisions))
+    logged_now = log_table_once(logger, f"float8 {section.recipe}", decisions, config)
     chosen = converted_paths(decisions)
     convert_to_float8_training(
         model,
         module_filter_fn=lambda module, path: path in chosen,
         config=torchao_config(section, _device_dtypes or DEFAULT_DTYPES),
     )
+    if config.parallelism.tp > 1 and model_spec.tp_plan is not None:
+        _choose_tp_styles(model, section, model_spec.tp_plan.styles, log=logged_now)
     experts = converted_paths(decisions, GROUPED_EXPERTS)
     if experts:
         from torchao.quantization import quantize_
@@ -125,6 +119,21 @@ def plait_convert_model(model: nn.Module, config: JobConfig, model_spec: ModelSp
         import torch._inductor.config as inductor_config
 
         inductor_config.emulate_precision_casts = True
+
+
+def _choose_tp_styles(model: nn.Module, section: Float8Config, plan_styles: Mapping[str, str], *, log: bool) -> None:
+    from plait_float8.config import DEFAULT_DTYPES
+    from plait_float8.tensor_parallel import gather_float8_as_bytes, mark_float8_styles, why_not_float8_styles
+
+    reason = why_not_float8_styles(section, (_device_dtypes or DEFAULT_DTYPES)[0])
+    if reason is not None:
+        if log:
+            logger.info("float8 under tensor parallelism with torch's plain styles: %s", reason)
+        return
+    marked = mark_float8_styles(model, plan_styles)
+    gather_float8_as_bytes()
+    if log:
+        logger.info("float8 tensor-parallel styles on %d modules (activations all-gathered in float8)", len(marked))
 
 
 @hookimpl

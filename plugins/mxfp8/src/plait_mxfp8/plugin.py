@@ -27,9 +27,6 @@ DESCRIPTION = "mxfp8: MXFP8 training of linear layers and MoE grouped experts th
 
 logger = logging.getLogger("plait.mxfp8")
 
-#: The config whose table of converted and skipped modules was logged (once per run).
-_logged_config: int | None = None
-
 
 @hookimpl
 def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
@@ -62,7 +59,7 @@ def decisions_for(model: nn.Module, section: Mxfp8Config) -> list[ModuleDecision
 
 @hookimpl
 def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec, job: Job) -> None:
-    from plait.low_precision import GROUPED_EXPERTS, format_table
+    from plait.low_precision import GROUPED_EXPERTS, refuse_converting_nothing
 
     from plait_mxfp8.config import BLOCK_SIZE, sm100_kernels_available
 
@@ -99,24 +96,17 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
             f"gradients and the {config.training.dtype} activations, which torchao's grouped matmul refuses: "
             "add --training.dtype bfloat16, or --mxfp8.grouped_experts False, or use --mxfp8.recipe rceil"
         )
-    if not any(d.converted for d in decisions):
-        raise ConfigError(
-            f"--plugins mxfp8 would convert no module of {model}:\n" + format_table("mxfp8", decisions)
-            + "\nrelax --mxfp8.filter_fqns, or drop mxfp8 from --plugins"
-        )
+    refuse_converting_nothing("mxfp8", model, decisions)
 
 
 @hookimpl
 def plait_convert_model(model: nn.Module, config: JobConfig, model_spec: ModelSpec) -> None:
-    from plait.low_precision import GROUPED_EXPERTS, converted_paths, format_table
+    from plait.low_precision import GROUPED_EXPERTS, converted_paths, log_table_once
 
     from plait_mxfp8.convert import convert_grouped_experts, convert_linears
 
-    global _logged_config
     section: Mxfp8Config = config.mxfp8
     decisions = decisions_for(model, section)
-    if _logged_config != id(config):
-        _logged_config = id(config)
-        logger.info("%s", format_table(f"mxfp8 {section.recipe}", decisions))
+    log_table_once(logger, f"mxfp8 {section.recipe}", decisions, config)
     convert_linears(model, converted_paths(decisions), section)
     convert_grouped_experts(model, converted_paths(decisions, GROUPED_EXPERTS), section)

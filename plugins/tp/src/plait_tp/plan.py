@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from plait.errors import ConfigError
-from plait.model_spec import TPStyle, module_path_matches
+from plait.model_spec import TP_STYLE_CLASSES, TPStyle, module_path_matches
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
@@ -161,14 +161,18 @@ def uncovered_parameters(model: nn.Module, styles: Mapping[str, TPStyle], extra_
     return uncovered
 
 
-def build_style(style: TPStyle, options: StyleOptions) -> ParallelStyle | None:
-    """The torch style for one plan entry; None where nothing needs to change."""
+def build_style(
+    style: TPStyle, options: StyleOptions, classes: Mapping[str, type[ParallelStyle]] | None = None
+) -> ParallelStyle | None:
+    """The torch style for one plan entry; None where nothing needs to change. ``classes``
+    (the module's ``TP_STYLE_CLASSES``) replaces torch's class for a style name."""
+    classes = classes or {}
     sp = options.sequence_parallel
     between_blocks = Shard(1) if sp else Replicate()
     if style == "colwise":
-        return ColwiseParallel()
+        return classes.get("colwise", ColwiseParallel)()
     if style == "rowwise":
-        return RowwiseParallel(output_layouts=between_blocks)
+        return classes.get("rowwise", RowwiseParallel)(output_layouts=between_blocks)
     if style == "embedding":
         return EmbeddingParallel(input_layouts=Replicate(), output_layouts=between_blocks)
     if style == "output":
@@ -190,7 +194,8 @@ def build_style(style: TPStyle, options: StyleOptions) -> ParallelStyle | None:
         # cache) are left alone. Without SP the input is already replicated.
         if not sp:
             return None
-        return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        return classes.get("prepare_input", PrepareModuleInput)(input_layouts=(Shard(1),),
+                                                                desired_input_layouts=(Replicate(),))
     raise ConfigError(
         f"unknown tensor-parallel style {style!r} in the model's tp_plan; use one of: "
         + ", ".join(get_args(TPStyle))
@@ -202,7 +207,11 @@ def apply_plan(
 ) -> list[str]:
     """Parallelize ``model`` in place; returns the module paths that were given a style."""
     resolved = resolve_plan((name for name, _ in model.named_modules() if name), styles)
-    plan = {path: built for path, style in resolved.items() if (built := build_style(style, options)) is not None}
+    plan = {}
+    for path, style in resolved.items():
+        classes = getattr(model.get_submodule(path), TP_STYLE_CLASSES, None)
+        if (built := build_style(style, options, classes)) is not None:
+            plan[path] = built
     if plan:
         parallelize_module(model, tp_mesh, plan)
     return list(plan)
