@@ -77,6 +77,17 @@ def test_llama3_bf16_and_compiled_on_one_gpu_track_fp32(extra, tmp_path):
     assert max(differences) < 2e-3, (run.losses, fp32.losses)  # measured on an H200: 2.5e-4 both
 
 
+def test_flux_compiled_on_one_gpu_matches_eager(tmp_path):
+    """The CPU tests leave flux's compile out (115 s to compile there)."""
+    pytest.importorskip("plait_flux")
+    eager = keep_determinism_setting(lambda: train(job("flux_debug", tmp_path / "eager")))
+    compiled = keep_determinism_setting(lambda: train(job("flux_debug", tmp_path / "compiled",
+                                                          "--compile.enable", "True")))
+    differences = [abs(compiled.losses[s] - eager.losses[s]) for s in range(1, STEPS + 1)]
+    print(f"flux compiled: largest |compiled - eager| {max(differences):.2e}")
+    assert max(differences) < 1e-4, (compiled.losses, eager.losses)
+
+
 def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
     reference, actual = reference.detach().double(), actual.detach().double()
     return float(20 * torch.log10(reference.norm() / (reference - actual).norm()))

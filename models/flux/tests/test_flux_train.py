@@ -144,6 +144,7 @@ def test_convert_writes_a_bfl_single_file(tmp_path, reference, capsys):
 #: the multi-rank jobs, run one after the other in one launch of two ranks (start-up paid once)
 PARALLEL = {
     "fsdp": ("--plugins", "fsdp", "--parallelism.dp_shard", "2"),
+    "replicate": ("--plugins", "fsdp", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "1"),
     "tp": ("--plugins", "tp", "--parallelism.tp", "2", "--tp.sequence_parallel", "False",
            "--activation_checkpoint.mode", "full"),
     "cp": ("--plugins", "context-parallel,fsdp", "--parallelism.cp", "2"),
@@ -159,7 +160,7 @@ def parallel_runs(tmp_path_factory):
         pytest.importorskip(module)
     folder = tmp_path_factory.mktemp("parallel")
     jobs = [job(folder / name, *options, *(SAMPLED if name != "cp" else ()), "--validation.interval", "0",
-                "--checkpoint.enable", "False", local_batch_size=2 if name == "fsdp" else 4)
+                "--checkpoint.enable", "False", local_batch_size=2 if name in ("fsdp", "replicate") else 4)
             for name, options in PARALLEL.items()]
     results = run_ranks_in_sequence(2, jobs, folder / "result.json", timeout=300)
     return folder, dict(zip(PARALLEL, results))
@@ -167,7 +168,7 @@ def parallel_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(PARALLEL))
 def test_two_ranks_match_one_process(reference, parallel_runs, layout):
-    """FSDP over two ranks, tensor parallelism (heads and MLP features of every block split
+    """FSDP over two ranks, replication over two (HSDP's outer dimension), tensor parallelism (heads and MLP features of every block split
     over the ranks; with activation checkpointing) and context parallelism (each sample's
     image and text tokens split, ring attention) take the same steps as one process, within 1e-5."""
     _, run = reference
