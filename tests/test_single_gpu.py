@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from plait.cli import train
-from plait.testing import keep_determinism_setting
+from plait.testing import keep_determinism_setting, linear_sqnr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU: the CPU tests train every recipe on the CPU")
@@ -88,11 +88,6 @@ def test_flux_compiled_on_one_gpu_matches_eager(tmp_path):
     assert max(differences) < 1e-4, (compiled.losses, eager.losses)
 
 
-def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    reference, actual = reference.detach().double(), actual.detach().double()
-    return float(20 * torch.log10(reference.norm() / (reference - actual).norm()))
-
-
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_float8_matmuls_on_the_gpu_meet_the_sqnr_bounds(recipe):
     """The float8 plugin's configuration on the GPU's own float8 matmuls (the CPU tests
@@ -113,15 +108,9 @@ def test_float8_matmuls_on_the_gpu_meet_the_sqnr_bounds(recipe):
     convert_to_float8_training(converted, config=torchao_config(Float8Config(recipe=recipe, auto_filter=False)))
     x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for module in (reference, converted):
-        inputs = x.clone().requires_grad_()
-        out = module(inputs)
-        out.backward(grad)
-        results.append((out, inputs.grad, module[0].weight.grad))
-    (out, grad_in, grad_w), (out8, grad_in8, grad_w8) = results
-    figures = sqnr(out, out8), sqnr(grad_in, grad_in8), sqnr(grad_w, grad_w8)
-    print(f"float8 {recipe} on {torch.cuda.get_device_name()}: SQNR output/input grad/weight grad "
-          + " / ".join(f"{f:.1f}" for f in figures))
+    measured = linear_sqnr(reference, converted, x, grad)
+    print(f"float8 {recipe} on {torch.cuda.get_device_name()}: SQNR "
+          + ", ".join(f"{name} {value:.1f}" for name, value in measured.items()))
     gradient_bound = 20.0 if recipe == "tensorwise" else 17.0
-    assert figures[0] >= 25.0 and min(figures[1:]) >= gradient_bound, figures
+    assert measured["output"] >= 25.0, measured
+    assert min(measured["input grad"], measured["weight grad"]) >= gradient_bound, measured

@@ -230,6 +230,27 @@ def counted_forward_flops(model: Any, tokens: Any) -> int:
     return counter.get_total_flops()
 
 
+def sqnr(reference: Any, actual: Any) -> float:
+    """Signal-to-quantization-noise ratio of ``actual`` against ``reference``, in dB (inf if equal)."""
+    import torch
+
+    reference, actual = reference.detach().double(), actual.detach().double()
+    noise = (reference - actual).norm()
+    return float("inf") if noise == 0 else float(20 * torch.log10(reference.norm() / noise))
+
+
+def linear_sqnr(reference: Any, converted: Any, inputs: Any, output_grad: Any) -> dict[str, float]:
+    """SQNR (dB) of a converted one-linear ``nn.Sequential`` against its high-precision
+    original on the same input and output gradient: ``output``, ``input grad``, ``weight grad``."""
+    signals = []
+    for module in (reference, converted):
+        x = inputs.clone().requires_grad_()
+        out = module(x)
+        out.backward(output_grad)
+        signals.append({"output": out, "input grad": x.grad, "weight grad": module[0].weight.grad})
+    return {name: sqnr(signals[0][name], signals[1][name]) for name in signals[0]}
+
+
 def fuse_hf_experts(hf_state: dict[str, Any]) -> dict[str, Any]:
     """``hf_state`` with every per-expert group ``<prefix>.experts.{e}.gate_proj/up_proj/down_proj.weight``
     rewritten in the fused layout some tools save: ``<prefix>.experts.gate_up_proj``

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from plait.testing import materialize
+from plait.testing import linear_sqnr, materialize, sqnr
 from plait_float8.config import Float8Config, torchao_config
 from plait_float8.plugin import decisions_for
 from plait.low_precision import converted_paths
@@ -19,12 +19,6 @@ RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 OUTPUT_SQNR = 25.0
 #: torchao's bounds: 20 dB for tensorwise gradients, 17 dB where gradients are cast rowwise to e4m3.
 GRADIENT_SQNR = {"tensorwise": 20.0, "rowwise": 17.0, "rowwise_with_gw_hp": 17.0}
-
-
-def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    reference, actual = reference.detach().double(), actual.detach().double()
-    noise = (reference - actual).norm()
-    return float("inf") if noise == 0 else float(20 * torch.log10(reference.norm() / noise))
 
 
 def float8_copy(module: nn.Module, recipe: str, **options: object) -> nn.Module:
@@ -44,21 +38,13 @@ def test_linear_sqnr(recipe):
     reference = nn.Sequential(nn.Linear(512, 256, bias=False))
     converted = float8_copy(reference, recipe)
     assert type(converted[0]).__name__ == "Float8Linear"
-    x = torch.randn(256, 512)
-    grad = torch.randn(256, 256)
-    results = []
-    for module in (reference, converted):
-        inputs = x.clone().requires_grad_()
-        out = module(inputs)
-        out.backward(grad)
-        results.append((out, inputs.grad, module[0].weight.grad))
-    (out, grad_in, grad_w), (out8, grad_in8, grad_w8) = results
-    assert sqnr(out, out8) >= OUTPUT_SQNR
-    assert sqnr(grad_in, grad_in8) >= GRADIENT_SQNR[recipe]
-    assert sqnr(grad_w, grad_w8) >= GRADIENT_SQNR[recipe]
-    assert not torch.equal(out, out8)  # float8 is in effect
+    measured = linear_sqnr(reference, converted, torch.randn(256, 512), torch.randn(256, 256))
+    assert measured["output"] >= OUTPUT_SQNR
+    assert measured["input grad"] >= GRADIENT_SQNR[recipe]
+    assert measured["weight grad"] >= GRADIENT_SQNR[recipe]
+    assert measured["output"] < 60  # float8 is in effect
     if recipe == "rowwise_with_gw_hp":
-        assert sqnr(grad_w, grad_w8) > 100  # the weight gradient stays in high precision
+        assert measured["weight grad"] > 100  # the weight gradient stays in high precision
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from plait.nn.moe import MoE, MoEArgs
+from plait.testing import linear_sqnr, sqnr
 from plait_mxfp8.config import Mxfp8Config
 from plait_mxfp8.convert import convert_grouped_experts, convert_linears
 
@@ -22,12 +23,6 @@ LINEAR_SQNR = {"output": 26.5, "input grad": 26.5, "weight grad": 23.0}
 EXPERTS_SQNR = {"output": 22.0, "input grad": 23.0, "w1 grad": 20.0, "w2 grad": 19.5}
 
 
-def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    reference, actual = reference.detach().double(), actual.detach().double()
-    noise = (reference - actual).norm()
-    return float("inf") if noise == 0 else float(20 * torch.log10(reference.norm() / noise))
-
-
 @pytest.mark.parametrize("recipe", ["rceil", "rceil_wgrad_with_hp"])
 def test_linear_sqnr(recipe):
     torch.manual_seed(0)
@@ -35,14 +30,7 @@ def test_linear_sqnr(recipe):
     converted = copy.deepcopy(reference)
     convert_linears(converted, {"0"}, Mxfp8Config(recipe=recipe, emulate=True))
     assert type(converted[0]).__name__ == "MXFP8Linear" and type(converted[0].weight.data) is torch.Tensor
-    x, grad = torch.randn(256, 512), torch.randn(256, 256)
-    results = []
-    for module in (reference, converted):
-        inputs = x.clone().requires_grad_()
-        out = module(inputs)
-        out.backward(grad)
-        results.append({"output": out, "input grad": inputs.grad, "weight grad": module[0].weight.grad})
-    measured = {name: sqnr(results[0][name], results[1][name]) for name in LINEAR_SQNR}
+    measured = linear_sqnr(reference, converted, torch.randn(256, 512), torch.randn(256, 256))
     assert all(measured[name] >= bound for name, bound in LINEAR_SQNR.items()), measured
     assert measured["output"] < 60  # MXFP8 is in effect
     if recipe == "rceil_wgrad_with_hp":
