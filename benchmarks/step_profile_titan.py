@@ -86,12 +86,7 @@ def main() -> None:
         return result
 
     trainer.train_step = profiled_step
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    titan.train_and_close(trainer)
     summary = summarize(prof, steps, int(os.environ.get("STEP_PROFILE_TOP", "12")))
     Path(result_file).write_text(json.dumps({"summary": summary, "step_ms": statistics.median(step_seconds) * 1e3}))
 

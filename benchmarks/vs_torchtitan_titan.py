@@ -288,6 +288,16 @@ def benchmark_job() -> Trainer.Config:
 # --------------------------------------------------------------------------- run
 
 
+def train_and_close(trainer: Trainer) -> None:
+    """``trainer.train()``, then the trainer and the process group closed, whatever happened."""
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     job_file, assets, result_file = sys.argv[1:4]
     threads = int(os.environ["VS_TORCHTITAN_THREADS"])
@@ -343,12 +353,7 @@ def main() -> None:
 
     trainer.checkpointer.save = timed_save
     trainer.metrics_processor.log = recording_log
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    train_and_close(trainer)
     result = {
         "system": "torchtitan",
         "version": torchtitan.__version__,
