@@ -74,7 +74,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_state: TrainState
 
-    def manager(self, dump_folder: Path, **config: Any) -> CheckpointManager:
+    def manager(self, dump_folder: Path, *, writes: bool = True, **config: Any) -> CheckpointManager:
         return CheckpointManager(
             CheckpointSection(**{"interval": 1, "keep_latest_k": 0, **config}),
             dump_folder=str(dump_folder),
@@ -82,6 +82,7 @@ class Run:
             optimizer=self.optimizer,
             lr_scheduler=self.scheduler,
             states={"train_state": self.train_state},
+            writes=writes,
         )
 
     def train(self, steps: int) -> None:
@@ -169,6 +170,25 @@ def test_round_trip_restores_model_optimizer_scheduler_and_states_exactly(tmp_pa
     torch.set_rng_state(rng_at_save)
     original.train(2)
     assert_same_run(restored, original)
+
+
+def test_a_job_that_does_not_write_resumes_from_the_writers_checkpoints(tmp_path):
+    """RunNeeds.writes_checkpoints=False (torchft's replica groups but one): the job reads
+    the run's folder while the writer holds its lock, and never saves, locks or moves."""
+    writer_run = make_run(seed=0)
+    writer = writer_run.manager(tmp_path, interval=2)
+    for step in range(1, 5):
+        writer_run.train(1)
+        writer.save(step)
+    reader_run = make_run(seed=1)
+    reader = reader_run.manager(tmp_path, writes=False, load_step=2)  # the writer's lock does not stop it
+    assert reader.load() == 2 and list_checkpoints(str(tmp_path / "checkpoint")) == [2, 4]  # nothing moved
+    reader_run.train(2)
+    assert not reader.save(4, force=True) and not reader.save(5, force=True)
+    assert list_checkpoints(str(tmp_path / "checkpoint")) == [2, 4]
+    assert make_run(seed=1).manager(tmp_path, writes=False).load() == 4
+    writer.close()
+    reader.close()
 
 
 def test_pipeline_split_checkpoint_loads_into_one_part(tmp_path):

@@ -56,6 +56,16 @@ class RunNeeds:
     all of them (``ParallelDims.replica_groups``). At most one plugin may declare it."""
     replica_group: int = 0
     """This job's index among the replica groups, 0 .. replica_groups - 1."""
+    job_folder: str = ""
+    """Several jobs of one run share --job.dump_folder (torchft's replica groups): this
+    job writes its own outputs (config record, metrics, TensorBoard, traces, samples) to
+    ``<dump_folder>/<job_folder>``, while the checkpoints of the run stay in
+    ``<dump_folder>/<checkpoint.folder>``, shared. At most one plugin may declare it."""
+    writes_checkpoints: bool = True
+    """False: another job of the run writes the persistent checkpoints into the shared
+    checkpoint folder (torchft: replica group 0). This job resumes from them (its data
+    loader from the checkpoint's stream position, which is the same for every shard, so
+    it reads its own shard on) but never saves, locks or cleans the folder."""
     moe_group_alignment: int = 1
     """Every MoE layer pads each expert's group of rows to a multiple of this before its
     experts run, whatever the dispatcher (low-precision expert kernels quantize blocks of
@@ -72,6 +82,13 @@ class RunNeeds:
 
             raise ConfigError(f"two plugins run this job as replica groups ({grouped[0].reason or '?'}; "
                               f"{grouped[1].reason or '?'}): enable only one of them")
+        folders = [need for need in needs if need.job_folder]
+        if len({need.job_folder for need in folders}) > 1:
+            from plait.errors import ConfigError
+
+            raise ConfigError(f"two plugins place this job's outputs in different folders ({folders[0].reason or '?'}: "
+                              f"{folders[0].job_folder}; {folders[1].reason or '?'}: {folders[1].job_folder}): "
+                              "enable only one of them")
         import math
 
         return CombinedNeeds(
@@ -82,6 +99,8 @@ class RunNeeds:
             split_reasons=tuple(need.reason for need in needs if need.sequence_splits > 1 and need.reason),
             replica_groups=grouped[0].replica_groups if grouped else 1,
             replica_group=grouped[0].replica_group if grouped else 0,
+            job_folder=folders[0].job_folder if folders else "",
+            writes_checkpoints=all(need.writes_checkpoints for need in needs),
         )
 
 
@@ -95,6 +114,8 @@ class CombinedNeeds:
     split_reasons: tuple[str, ...] = ()
     replica_groups: int = 1
     replica_group: int = 0
+    job_folder: str = ""
+    writes_checkpoints: bool = True
     moe_group_alignment: int = 1
 
 

@@ -22,6 +22,11 @@ FT_TIMEOUTS = ["--torchft.heartbeat_interval_ms", "100", "--torchft.connect_time
                "--torchft.timeout_seconds", "20", "--torchft.quorum_timeout_seconds", "60",
                "--job.pg_timeout_seconds", "90"]  # fmt: skip
 
+#: The one-rank launch of conftest.py: steps of the synchronous three-group run; steps and
+#: interval of the LocalSGD and DiLoCo runs.
+SYNC_STEPS, SEMISYNC_STEPS, SYNC_EVERY = 4, 6, 2
+SEMISYNC_MODES = ("local_sgd", "diloco")
+
 
 def start_lighthouse(min_replicas: int, *, join_timeout_ms: int = 20000) -> Any:
     from torchft._torchft import LighthouseServer
@@ -36,6 +41,7 @@ class Group:
     ranks: int
     argv: list[str]
     out: Path
+    env: dict[str, str] = field(default_factory=dict)  # added to each rank's environment
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
@@ -43,7 +49,7 @@ class Group:
         port = str(free_port())
         self.procs, self.logs = [], []
         for rank in range(self.ranks):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            env = {**os.environ, **self.env, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.ranks),
                    "LOCAL_WORLD_SIZE": str(self.ranks)}
             log = self.out.parent / f"group{self.index}-attempt{attempt}-rank{rank}.log"
@@ -91,21 +97,55 @@ def events(dump: Path, group: int) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_for_event(dump: Path, group: int, kind: str, step: int, deadline: float) -> None:
+def wait_for_event(dump: Path, group: int, kind: str, step: int, deadline: float, *, after: float = 0.0,
+                   poll: float = 0.1) -> dict[str, Any]:
+    """The first ``kind`` event of the group at ``step`` or later, written after the time
+    ``after`` (time.time()); waits for it until ``deadline`` (time.monotonic())."""
     while time.monotonic() < deadline:
-        if any(e["event"] == kind and e["step"] >= step for e in events(dump, group)):
-            return
-        time.sleep(0.1)
+        found = [e for e in events(dump, group) if e["event"] == kind and e["step"] >= step and e["time"] > after]
+        if found:
+            return found[0]
+        time.sleep(poll)
     raise AssertionError(f"group {group} reached no {kind} at step >= {step} in time: {events(dump, group)[-5:]}")
 
 
-def final_weights(dump: Path, group: int, model: str, flavor: str, *, step: int) -> dict[str, Any]:
-    """The model weights of the group's checkpoint of ``step``."""
+def weight_digests(dump: Path, group: int, kind: str = "commit") -> dict[int, str]:
+    """The digests of the group's weights by step, from its ``kind`` events (commits at
+    checkpoint steps; every applied sync in LocalSGD/DiLoCo)."""
+    return {e["step"]: e["weights"] for e in events(dump, group) if e["event"] == kind and "weights" in e}
+
+
+def checkpoint_weights(dump: Path, model: str, flavor: str, *, step: int) -> dict[str, Any]:
+    """The model weights of the run's checkpoint of ``step`` (written by group 0)."""
     from plait.checkpoint import load_model_state
     from plait.plugins import load_model_spec
     from plait.testing import materialize
 
     spec = load_model_spec(model)
     state = materialize(spec, spec.args_for(flavor)).state_dict()
-    load_model_state(str(dump / f"replica_{group}" / "checkpoint" / f"step-{step}"), state)
+    load_model_state(str(dump / "checkpoint" / f"step-{step}"), state)
     return state
+
+
+def job_argv(dump: Path, lighthouse: Any, index: int, options: tuple[str, ...] = (), *, groups: int = 2,
+             ranks: int = 1, recipe: str = "tinylm_debug", steps: int, lr: float = 1e-2) -> list[str]:
+    """The options of group ``index`` of ``groups`` groups of ``ranks`` ranks (one row per
+    rank and step) training ``steps`` steps into ``dump``, every group needed for a quorum."""
+    from plait.testing import short_job
+
+    return short_job(recipe, dump, *options, "--plugins", "fsdp,torchft", "--parallelism.dp_shard", str(ranks),
+                     "--torchft.lighthouse", lighthouse.address(), "--torchft.replica_groups", str(groups),
+                     "--torchft.replica_group", str(index), "--torchft.min_replicas", str(groups), *FT_TIMEOUTS,
+                     steps=steps, lr=lr, local_batch_size=1, checkpoint_interval=steps)
+
+
+def start_groups(dump: Path, lighthouse: Any, *, groups: int, ranks: int, recipe: str, options: tuple[str, ...] = (),
+                 steps: int, env_for: Any = None) -> list[Group]:
+    """``groups`` groups (``job_argv``), started, not awaited. ``env_for(index)``:
+    environment variables of a group's ranks."""
+    started = []
+    for index in range(groups):
+        argv = job_argv(dump, lighthouse, index, options, groups=groups, ranks=ranks, recipe=recipe, steps=steps)
+        env = env_for(index) if env_for is not None else {}
+        started.append(Group(index, ranks, argv, dump.parent / f"{dump.name}-out{index}.json", env=env).start())
+    return started

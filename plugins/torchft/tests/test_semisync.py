@@ -1,12 +1,15 @@
-"""LocalSGD and DiLoCo arithmetic, with two replica groups simulated in one process:
-``average`` is the mean over both groups' tensors, as torchft's allreduce computes it."""
+"""LocalSGD and DiLoCo: the arithmetic with two replica groups simulated in one process
+(``average`` is the mean over both groups' tensors, as torchft's allreduce computes it),
+then both modes in real runs of two groups (the one-rank launch of conftest.py)."""
 from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from torch import nn
 
+from ft_harness import SEMISYNC_MODES, SEMISYNC_STEPS, SYNC_EVERY, weight_digests
 from plait_torchft.semisync import SemiSync
 
 
@@ -80,3 +83,13 @@ def test_fragments_meet_at_their_own_steps():
     _, syncs = two_groups("diloco", sync_every=4, fragments=2)
     assert [syncs[0].due(step) for step in range(1, 9)] == [[], [0], [], [1], [], [0], [], [1]]
     assert [len(fragment) for fragment in syncs[0].fragments] == [1, 1]
+
+
+@pytest.mark.parametrize("mode", SEMISYNC_MODES)
+def test_groups_hold_equal_parameters_after_each_sync(one_rank_groups, mode):
+    run = one_rank_groups[mode]  # conftest.py: groups 0 and 1 of the one-rank launch
+    digests = [weight_digests(run["dump"], g, "sync") for g in (0, 1)]
+    assert sorted(digests[0]) == sorted(digests[1]) == list(range(SYNC_EVERY, SEMISYNC_STEPS + 1, SYNC_EVERY))
+    assert digests[0] == digests[1]
+    assert len(set(digests[0].values())) == len(digests[0])  # the parameters moved between syncs
+    assert run["losses"][0][1] != run["losses"][1][1]  # each group trained its own shard in between

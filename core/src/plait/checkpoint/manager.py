@@ -72,6 +72,9 @@ class CheckpointManager:
 
     While it is open (checkpointing enabled) the run holds the lock of the checkpoint
     folder (``lock``): a second run on the same folder stops at once, naming this one.
+
+    ``writes=False``: another job of the run writes this folder (``RunNeeds.writes_checkpoints``);
+    this one resumes from it but never saves, locks, cleans or moves anything in it.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Stateful | None,
         states: dict[str, Stateful],
+        writes: bool = True,
     ) -> None:
         for name in states:
             if name in _RESERVED_NAMES or not _STATE_NAME.fullmatch(name):
@@ -96,6 +100,7 @@ class CheckpointManager:
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.states = dict(states)
+        self.writes = writes
         self._distributed = dist.is_available() and dist.is_initialized()
         self._rank = dist.get_rank() if self._distributed else 0
         # Async saves talk over their own gloo group: on the default group their
@@ -108,7 +113,7 @@ class CheckpointManager:
         self._closed = False
         self._warned_space = False
         self._lock: run_lock.RunLock | None = None
-        if config.enable:
+        if config.enable and writes:
             self._lock = self._take_lock()
             # A manager dropped without close() (a test, an error path) lets go as well.
             weakref.finalize(self, self._lock.release)
@@ -157,7 +162,7 @@ class CheckpointManager:
     def _set_aside_newer(self, requested: int, newer: list[int]) -> None:
         """Training on from an older step while newer checkpoints stay would leave two
         histories in one folder, and the next plain resume would pick the wrong one."""
-        if not newer:
+        if not newer or not self.writes:  # the writing job sets them aside
             return
         listed = ", ".join(map(str, newer))
         if self.config.newer_checkpoints == "refuse":
@@ -224,7 +229,7 @@ class CheckpointManager:
         save of ``step`` started (an async one may still be writing)."""
         if self._closed:
             raise RuntimeError("CheckpointManager.save() called after close()")
-        if not self.config.enable:
+        if not self.config.enable or not self.writes:
             return False
         self._publish_if_done()
         if step == self._last_step or not (force or step % self.config.interval == 0):

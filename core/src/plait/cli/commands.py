@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import Any, Iterator
 
@@ -115,6 +116,9 @@ def train(argv: list[str]):
             # run writes anything: the space it holds may be what the run needs.
             remove_leftovers(os.path.join(dump, config.checkpoint.folder))
         path = write_resolved_config(config, manager, job.declared_model_args)
+        if saves and job.needs.job_folder:  # shared checkpoints: plait convert/generate find the config above them
+            run_folder = os.path.dirname(os.path.normpath(os.path.join(dump, config.checkpoint.folder)))
+            shutil.copyfile(path, os.path.join(run_folder, "config.json"))
         logger.info("plugins: %s; resolved config: %s", ", ".join(manager.enabled), path)
     try:
         from plait.train import Trainer

@@ -1,7 +1,6 @@
 """Plugin module: light at import; torch and torchft are imported when a hook runs."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from plait import hookimpl
@@ -21,6 +20,9 @@ PROVIDES = ("fault-tolerance",)
 REQUIRES = ("fsdp",)
 DESCRIPTION = "torchft: fault-tolerant replica groups (torchft) — sync HSDP, LocalSGD, DiLoCo; survives a lost group"
 
+#: The replica group that writes the run's persistent checkpoints.
+CHECKPOINT_WRITER = 0
+
 _runtime: FaultTolerance | None = None  # this process's replica-group runtime, built with the optimizer
 
 
@@ -37,9 +39,13 @@ def plait_add_config_sections(register: Callable[[str, type], None]) -> None:
 
 @hookimpl
 def plait_run_needs(config: JobConfig, parallel_dims: ParallelDims, model_spec: ModelSpec) -> RunNeeds:
-    """Each global batch is sharded over every replica group's data-parallel ranks."""
+    """Each global batch is sharded over every replica group's data-parallel ranks; each
+    group writes its outputs to its own folder, and group 0 alone writes the checkpoints
+    of the run (the others resume from them, then heal from a live peer)."""
     section = config.torchft
     return RunNeeds(replica_groups=section.replica_groups, replica_group=section.replica_group,
+                    job_folder=replica_folder(section.replica_group),
+                    writes_checkpoints=section.replica_group == CHECKPOINT_WRITER,
                     reason=f"torchft replica group {section.replica_group} of {section.replica_groups}")
 
 
@@ -55,10 +61,6 @@ def plait_validate(config: JobConfig, parallel_dims: ParallelDims, model_spec: M
 
         if not torch.cuda.is_available():
             raise ConfigError("--torchft.backend nccl needs CUDA devices; on this machine use gloo (or auto)")
-    # Every group writes its own checkpoints, config and logs: no two groups share a path.
-    folder = replica_folder(section.replica_group)
-    if os.path.basename(os.path.normpath(config.job.dump_folder)) != folder:
-        config.job.dump_folder = os.path.join(config.job.dump_folder, folder)
 
 
 @hookimpl

@@ -65,6 +65,25 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def weights_digest(params: list[torch.Tensor]) -> str:
+    """A digest of the group's weights: each rank's local shards, joined over the ranks
+    of the group (a collective inside the group). Equal digests at a step mean that the
+    groups hold bit-identical weights; only one group writes checkpoints, so this is how
+    the others are checked against it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for param in params:
+        local = _local(param.detach()).contiguous().cpu().reshape(-1)
+        digest.update(local.view(torch.uint8).numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if not dist.is_initialized():
+        return mine
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return "-".join(gathered)
+
+
 class Counters:
     """What the group has done. Committed and discarded steps are checkpointed with the
     run (the commit vote is the same on every rank of a group); heals are counted per
@@ -87,6 +106,8 @@ class FaultTolerance:
     def __init__(self, config: Any, device_type: str) -> None:
         self.section: TorchFTConfig = config.torchft
         self.dump_folder = config.job.dump_folder
+        self.digest_interval = config.checkpoint.interval
+        self.total_steps = config.training.steps
         self.device_type = device_type
         self.counters = Counters()
         self.manager: Any = None
@@ -164,6 +185,7 @@ class FaultTolerance:
         from plait_torchft.healing import live_state
 
         assert self.optimizer is not None and self.checkpointer is not None
+        self._event("heal_served", step=self.checkpointer.states["train_state"].step + 1)
         return live_state(self.checkpointer, self.optimizer.inner, own_key=STATE_KEY, own_state=self._rank_state)
 
     def _load_live_state(self, state: dict[str, Any]) -> None:
@@ -263,8 +285,11 @@ class FaultTolerance:
             if self._vote:
                 self.counters.committed += 1
                 self._step_metrics(ctx)
+                digest = {}
+                if ctx.step % self.digest_interval == 0 or ctx.step == self.total_steps:
+                    digest["weights"] = weights_digest([p for part in ctx.model_parts for p in part.parameters()])
                 self._event("commit", step=ctx.step, participants=self.manager.num_participants(),
-                            batch=self._batch_digest(batches))
+                            batch=self._batch_digest(batches), **digest)
                 return loss
             self.counters.discarded += 1
             ctx.lr_scheduler.load_state_dict(schedule)
@@ -336,7 +361,8 @@ class FaultTolerance:
                 logger.warning("replica group %d: the synchronization of fragment %d at step %d was discarded; "
                                "this group keeps its own parameters until the next one",
                                self.section.replica_group, fragment, ctx.step)
-            self._event("sync" if applied else "discard", step=ctx.step, fragment=fragment)
+            digest = {"weights": weights_digest(self.semisync.fragments[fragment])} if applied else {}
+            self._event("sync" if applied else "discard", step=ctx.step, fragment=fragment, **digest)
         self._step_metrics(ctx)
         return loss
 
