@@ -23,9 +23,12 @@ from plait.testing import (
     train_in_this_process,
 )
 
-STEPS = 6
+STEPS = 4
+#: The step of the checkpoint that the resumed runs start from.
+RESUME_FROM = 2
 #: The recipes are compared with float32 over the first steps only (time).
 RECIPE_STEPS = 3
+RESUMED_STEPS = list(range(RESUME_FROM + 1, STEPS + 1))
 TOLERANCE = 1e-5
 GLOBAL_BATCH = 4
 #: |loss(float8) - loss(float32)| at every step of the tiny llama3 (measured: at most 2e-3).
@@ -46,7 +49,7 @@ def job(dump_folder: Path, *extra: str, steps: int = STEPS) -> list[str]:
         "--training.global_batch_size", str(GLOBAL_BATCH),
         "--training.deterministic", "True",
         "--lr_scheduler.warmup_steps", "2",
-        "--checkpoint.interval", "3",
+        "--checkpoint.interval", str(RESUME_FROM),
         "--metrics.progress", "off",
         "--job.pg_timeout_seconds", "90",
         "--job.dump_folder", str(dump_folder),
@@ -88,7 +91,7 @@ def test_recipes_track_float32(tmp_path, float32_run, tensorwise_run, rowwise_ru
         assert TOLERANCE < loss_diff < FLOAT8_BAND, (recipe, loss_diff)  # float8 is in effect, and close
 
 
-def test_compile_with_activation_checkpointing_matches_eager(tmp_path, rowwise_run, monkeypatch):
+def test_compile_with_activation_checkpointing_matches_eager(tmp_path, rowwise_run):
     """rowwise, every block recomputed (full AC) and compiled, 2 steps: the plugin turns on
     inductor's precision-emulating casts so that compiled casts round like eager ones, and
     the run matches eager rowwise (AC recomputes exactly) within 1e-5 (measured: equal).
@@ -97,10 +100,12 @@ def test_compile_with_activation_checkpointing_matches_eager(tmp_path, rowwise_r
     on 2 busy cores)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
-    compiled = train_in_this_process(job(tmp_path, *float8("rowwise"), "--activation_checkpoint.mode", "full",
-                                         "--compile.enable", "True", steps=2))
-    assert inductor_config.emulate_precision_casts is True
+    # inductor's own patch restores the setting afterwards (pytest's monkeypatch would delete
+    # the config entry, breaking every later compile in this process)
+    with inductor_config.patch(emulate_precision_casts=False):
+        compiled = train_in_this_process(job(tmp_path, *float8("rowwise"), "--activation_checkpoint.mode", "full",
+                                             "--compile.enable", "True", steps=2))
+        assert inductor_config.emulate_precision_casts is True
     assert sorted(compiled["losses"]) == [1, 2]
     for step in (1, 2):
         assert abs(compiled["losses"][step] - rowwise_run["losses"][step]) < TOLERANCE, (compiled, rowwise_run)
@@ -113,12 +118,13 @@ def test_layouts_match_one_process(tmp_path, tensorwise_run, rowwise_run):
     styles, RECIPE_STEPS steps), one after the other in one launch of 2 ranks.
 
     Weights wrapped for the float8 all-gather draw their initial values differently
-    (torchao's wrapper tensor), so that layout resumes the one-process run's step-3
+    (torchao's wrapper tensor), so that layout resumes the one-process run's step-2
     checkpoint and must then match it step for step; its resume also checks that a float8
     checkpoint resumes with the plugin."""
     folder, reference = tensorwise_run
     all_gather = tmp_path / "fsdp2_float8_all_gather"
-    shutil.copytree(folder / "checkpoint" / "step-3", all_gather / "checkpoint" / "step-3")
+    step = f"step-{RESUME_FROM}"
+    shutil.copytree(folder / "checkpoint" / step, all_gather / "checkpoint" / step)
     fsdp = (*float8(plugins="float8,fsdp"), "--parallelism.dp_shard", "2")
 
     def unsaved(name: str, *options: str, steps: int = STEPS) -> list[str]:
@@ -142,8 +148,8 @@ def test_layouts_match_one_process(tmp_path, tensorwise_run, rowwise_run):
     ):
         loss_diff, norm_diff = max_differences(run, one_process)
         assert loss_diff < bound and norm_diff < bound, (layout, loss_diff, norm_diff)
-    assert sorted(resumed["losses"]) == [4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(resumed["losses"]) == RESUMED_STEPS
+    for step in RESUMED_STEPS:
         assert abs(resumed["losses"][step] - reference["losses"][step]) < TOLERANCE, (step, resumed, reference)
         assert abs(resumed["grad_norms"][step] - reference["grad_norms"][step]) < TOLERANCE, (step, resumed, reference)
 
@@ -152,10 +158,11 @@ def test_checkpoint_resumes_without_the_plugin(tmp_path, tensorwise_run):
     """The same weights, now trained in float32 (resuming with the plugin: the all-gather
     layout of ``test_layouts_match_one_process``)."""
     folder, reference = tensorwise_run
-    shutil.copytree(folder / "checkpoint" / "step-3", tmp_path / "checkpoint" / "step-3")
+    step = f"step-{RESUME_FROM}"
+    shutil.copytree(folder / "checkpoint" / step, tmp_path / "checkpoint" / step)
     resumed = keep_determinism_setting(lambda: train(job(tmp_path)))
-    assert sorted(resumed.losses) == [4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(resumed.losses) == RESUMED_STEPS
+    for step in RESUMED_STEPS:
         assert 0 < abs(resumed.losses[step] - reference["losses"][step]) < FLOAT8_BAND
 
 
@@ -163,6 +170,6 @@ def test_checkpoint_holds_high_precision_weights(tensorwise_run):
     import torch
     from torch.distributed.checkpoint import FileSystemReader
 
-    metadata = FileSystemReader(str(tensorwise_run[0] / "checkpoint" / "step-6")).read_metadata()
+    metadata = FileSystemReader(str(tensorwise_run[0] / "checkpoint" / f"step-{STEPS}")).read_metadata()
     weight = metadata.state_dict_metadata["model.layers.0.attention.wq.weight"]
     assert weight.properties.dtype == torch.float32 and tuple(weight.size) == (64, 64)
