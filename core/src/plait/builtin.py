@@ -83,13 +83,16 @@ class CorePlugin:
     @hookimpl
     def plait_train_context(self, config: Any, parallel_dims: Any, ctx: Any):
         """bf16 compute through autocast, unless a plugin applies the compute dtype itself
-        (``RunNeeds.applies_compute_dtype``, e.g. FSDP's parameter dtype)."""
+        (``RunNeeds.applies_compute_dtype``, e.g. FSDP's parameter dtype); the weights'
+        bf16 casts are not kept for the backward (``plait.autocast``)."""
         if config.training.dtype != "bfloat16" or ctx.needs.applies_compute_dtype:
             return None
         import torch
 
+        from plait.autocast import autocast_recasting_weights
+
         device_type = ctx.inputs.device.type if ctx.inputs is not None else "cpu"
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return autocast_recasting_weights(device_type, torch.bfloat16)
 
     @hookimpl(trylast=True)
     def plait_train_step(self, ctx: Any) -> Any:

@@ -230,7 +230,10 @@ def parse_config(manager, base, argv: list[str], *, prog: str = "plait train",
     fields.append(("job_config", Annotated[cls, flat]))
     values["job_config"] = default
     command = dataclasses.make_dataclass("Command", fields, kw_only=True)
-    parsed = parse(command, argv, prog=prog, description=_description(prog, manager), default=command(**values),
+    # the description (installed plugins, models, recipes) only shows in --help: reading
+    # every installed plugin's declarations costs every start ~0.05 s otherwise
+    description = _description(prog, manager) if wants_help(argv) else None
+    parsed = parse(command, argv, prog=prog, description=description, default=command(**values),
                     selection=selection)
     config = parsed.job_config
     if model_section is not None:
