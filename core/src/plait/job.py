@@ -44,8 +44,8 @@ class Job:
     device: DeviceInfo
     """The device this run trains on (hook ``plait_device``), with its capabilities."""
     tokenizer: Any = None
-    """The run's tokenizer, built once while resolving the vocabulary (None where the model
-    reads no token ids); the trainer's data uses the same one."""
+    """The run's tokenizer, built once while resolving (None where the model reads no token
+    ids): the vocabulary follows it and the trainer's token loader reads with it."""
 
     @property
     def hook(self) -> Any:
@@ -167,8 +167,8 @@ DEFAULT_FLAVOR = "debugmodel"
 
 
 def run_tokenizer(spec: ModelSpec, config: JobConfig) -> Any:
-    """The tokenizer of --data.tokenizer where the model's vocabulary follows one, else None."""
-    if spec.vocab_arg is None or not spec.token_inputs:
+    """The tokenizer of --data.tokenizer for a model that reads token ids, else None."""
+    if not spec.token_inputs:
         return None
     from plait.data import build_tokenizer
 
@@ -211,7 +211,7 @@ def _with_tokenizer_vocabulary(spec: ModelSpec, config: JobConfig, args: Any, to
     one set with --model.args) must hold the tokenizer's ids."""
     from plait.model_args import replace_args
 
-    if tokenizer is None:
+    if tokenizer is None or spec.vocab_arg is None:
         return args
     model = config.model
     if not model.hf_dir and spec.vocab_arg not in model.args and model.vocab == "tokenizer":

@@ -240,12 +240,9 @@ class Trainer:
                 config=config, model_args=self.model_args, local_batch_size=config.training.local_batch_size,
                 dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree,
             ))
-        from plait.data import build_dataloader, build_tokenizer
+        from plait.data import build_dataloader
 
         tokenizer = self.job.tokenizer
-        if tokenizer is None:
-            tokenizer = build_tokenizer(config.data.tokenizer, bos_token=config.data.bos_token,
-                                        eos_token=config.data.eos_token)
         loader = build_dataloader(config.data, tokenizer, seq_len=config.training.seq_len,
                                   local_batch_size=config.training.local_batch_size,
                                   dp_rank=pd.dp_rank(), dp_world_size=pd.dp_degree)
