@@ -114,3 +114,20 @@ def test_float8_matmuls_on_the_gpu_meet_the_sqnr_bounds(recipe):
     gradient_bound = 20.0 if recipe == "tensorwise" else 17.0
     assert measured["output"] >= 25.0, measured
     assert min(measured["input grad"], measured["weight grad"]) >= gradient_bound, measured
+
+
+def test_gradient_norm_on_the_gpu_is_the_float64_norm():
+    """Plain GPU gradients take the foreach float64 norm (a few launches, no copies): equal
+    to the norm of every gradient cast to float64, and clipping scales them by it."""
+    from plait.step import clip_grad_norm_
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.empty(shape, device="cuda")) for shape in [(4096, 1024), (1024,), (7, 3, 5)]]
+    for param in params:
+        param.grad = torch.randn(param.shape, device="cuda") * 3
+    expected = torch.cat([p.grad.double().flatten() for p in params]).norm()
+    before = [p.grad.clone() for p in params]
+    total = clip_grad_norm_(params, max_norm=1.0)
+    assert total.device.type == "cuda" and abs(total.double().item() - expected.item()) <= 1e-6 * expected.item()
+    for param, grad in zip(params, before):
+        torch.testing.assert_close(param.grad, grad / total, rtol=1e-6, atol=0)

@@ -170,6 +170,19 @@ def test_bf16_attention_on_cpu_runs_in_fp32_under_autocast() -> None:
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
 
 
+def test_bf16_attention_on_cpu_stays_bf16_where_that_is_faster() -> None:
+    """From 1,024 positions (or long sequences of wide heads) torch's bf16 CPU kernel is the
+    faster one: the inputs go to it as they are."""
+    from plait.nn.attention import ScaledDotProductAttention, _fp32_is_faster_on_cpu
+
+    assert _fp32_is_faster_on_cpu(256, 16) and _fp32_is_faster_on_cpu(256, 64) and _fp32_is_faster_on_cpu(512, 32)
+    assert not _fp32_is_faster_on_cpu(1024, 16) and not _fp32_is_faster_on_cpu(256, 128)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1024, 16, dtype=torch.bfloat16) for _ in range(3))
+    out = ScaledDotProductAttention()(q, k, v)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def test_attention_is_causal() -> None:
     torch.manual_seed(0)
     attn = Attention(dim=16, n_heads=2)

@@ -295,9 +295,10 @@ def export_checkpoint_to_hf(
     ``dtype`` casts floating tensors (e.g. ``torch.bfloat16``); None keeps the stored fp32.
     """
     from plait.checkpoint import load_model_state
+    from plait.meta_init import materialize
 
     adapter = _adapter(spec)
-    state_dict = spec.build_meta(args).to_empty(device="cpu").state_dict()
+    state_dict = materialize(spec.build_meta(args), "cpu").state_dict()
     load_model_state(str(checkpoint_dir), state_dict)
     hf_state_dict = adapter.to_hf(state_dict, args)
     if dtype is not None:
@@ -315,12 +316,13 @@ def export_checkpoint_to_file(
     from safetensors.torch import save_file
 
     from plait.checkpoint import load_model_state
+    from plait.meta_init import materialize
 
     formats = getattr(_adapter(spec), "file_formats", {})
     if file_format not in formats:
         raise ConfigError(f"--format {file_format!r}: model {spec.name!r} writes no such file; its formats: "
                           + ", ".join(["hf (a Hugging Face folder)", *formats]))
-    state_dict = spec.build_meta(args).to_empty(device="cpu").state_dict()
+    state_dict = materialize(spec.build_meta(args), "cpu").state_dict()
     load_model_state(str(checkpoint_dir), state_dict)
     tensors = formats[file_format](state_dict, args)
     if dtype is not None:

@@ -202,9 +202,9 @@ class ModelSpec:
 
     def build_meta(self, args: Any) -> nn.Module:
         """The model on the meta device: structure and shapes, no memory."""
-        import torch
+        from plait.meta_init import on_meta
 
-        with torch.device("meta"):
+        with on_meta():
             return self.build(args)
 
     def build_initialized(self, args: Any, *, device: str | torch.device = "cpu") -> nn.Module:
@@ -213,8 +213,9 @@ class ModelSpec:
         caller's RNG stream where it was."""
         import torch
 
-        model = self.build_meta(args)
-        model.to_empty(device=device)
+        from plait.meta_init import materialize
+
+        model = materialize(self.build_meta(args), device)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.init_weights()
         return model

@@ -1,6 +1,7 @@
 """AdamW and the warmup-stable-decay learning-rate schedule."""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from functools import partial
@@ -31,7 +32,7 @@ def build_optimizer(section: OptimizerSection, model_parts: list[nn.Module]) -> 
             unsupported.dtype, unsupported.device.type,
         )
         implementation = "foreach"
-    return torch.optim.AdamW(
+    return AdamW(
         groups,
         lr=section.lr,
         betas=(section.beta1, section.beta2),
@@ -39,6 +40,33 @@ def build_optimizer(section: OptimizerSection, model_parts: list[nn.Module]) -> 
         foreach=implementation == "foreach",
         fused=implementation == "fused",
     )
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, without importing ``torch._dynamo`` in a run that does not compile.
+
+    torch wraps the optimizer's methods in decorators that keep them out of compiled
+    graphs, and whose first call imports ``torch._dynamo`` (about 1 s of the start and
+    70 MiB of memory). plait never compiles the optimizer step, so these methods call
+    torch's own implementations beneath the decorators: the same arithmetic, state and
+    hooks (the step hooks run in the wrapper torch puts around ``step``).
+    """
+
+    def add_param_group(self, param_group: dict) -> None:
+        inspect.unwrap(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        inspect.unwrap(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return inspect.unwrap(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        inspect.unwrap(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        with torch.no_grad():  # what torch's decorator sets for an optimizer that is not differentiable
+            return inspect.unwrap(torch.optim.AdamW.step)(self, closure)
 
 
 def _fused_supported(param: torch.Tensor) -> bool:

@@ -25,9 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from plait.job import Job
 from plait.memory_watch import MemoryWatch
+from plait.meta_init import materialize
 from plait.model_spec import ModelSpec
 from plait.parallel_dims import ParallelDims
-from plait.step import forward_backward_micro_batch, token_cross_entropy, train_contexts
+from plait.step import forward_backward_micro_batch, run_loss_fn, train_contexts
 from plait.train_state import PipelineResult, StepContext
 
 #: Optimizer state tensors per parameter, each of the parameter's dtype.
@@ -174,7 +175,7 @@ def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None,
     pp_mesh = parallel_dims.get_optional_mesh("pp")
     with FakeTensorMode(allow_non_fake_inputs=True):
         for part in parts:
-            part.to_empty(device="cpu")
+            materialize(part, "cpu")
             part.train()
         parameters = list({id(p): p for part in parts for p in part.parameters()}.values())
         local = [getattr(p, "_local_tensor", p) for p in parameters]
@@ -196,7 +197,7 @@ def _measure(rank: int, parts: list[nn.Module], pipeline: PipelineResult | None,
             return plan
         ctx = StepContext(
             step=1, config=config, parallel_dims=parallel_dims, model_parts=parts, optimizer=None,
-            lr_scheduler=None, loss_fn=spec.loss_fn or token_cross_entropy, grad_accumulation_steps=accumulation,
+            lr_scheduler=None, loss_fn=run_loss_fn(job), grad_accumulation_steps=accumulation,
             needs=job.needs, hook=job.hook, pipeline=pipeline,
         )
         watch, gathers = MemoryWatch(), AllGatherBytes()

@@ -181,13 +181,14 @@ pattern_matches = module_path_matches
 
 
 def materialize(spec: Any, args: Any, *, seed: int = 0, poison: bool = False) -> Any:
-    """The core's recipe: build on meta, ``to_empty`` on the CPU, ``init_weights`` from
+    """The core's recipe: build on meta, materialize on the CPU, ``init_weights`` from
     ``seed``. ``poison`` fills every tensor with NaN first, so anything ``init_weights``
     skips stays NaN."""
     import torch
 
-    model = spec.build_meta(args)
-    model.to_empty(device="cpu")
+    from plait.meta_init import materialize as materialize_on
+
+    model = materialize_on(spec.build_meta(args), "cpu")
     if poison:
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:

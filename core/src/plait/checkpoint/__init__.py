@@ -10,8 +10,19 @@ damage to newer ones, and never unpickle anything but tensor data when loaded.
     mgr.close()
 """
 
-from plait.checkpoint.contents import load_model_state
+from typing import Any
+
 from plait.checkpoint.layout import list_checkpoints
 from plait.checkpoint.manager import CheckpointManager, Stateful
 
 __all__ = ["CheckpointManager", "Stateful", "list_checkpoints", "load_model_state"]
+
+
+def __getattr__(name: str) -> Any:
+    # torch.distributed.checkpoint takes 0.6 s and 50 MiB to import: a run imports it with
+    # its first save or load, not at its start.
+    if name == "load_model_state":
+        from plait.checkpoint.contents import load_model_state
+
+        return load_model_state
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,17 +21,11 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
-from plait.checkpoint import contents, layout
+from plait.checkpoint import layout
 from plait.checkpoint import lock as run_lock
-from plait.checkpoint.checksums import MARKER_KEY, ChecksummingWriter, marker_tensor
-from plait.checkpoint.model_state import model_state, optimizer_state, set_model_state, set_optimizer_state
 from plait.checkpoint.plain_state import fingerprint, join_tensors, json_to_tensor, split_tensors, tensor_refs
-from plait.checkpoint.safe_storage import SafeFileSystemReader, describe, load_tensors, mismatch, root_cause
 from plait.config import CheckpointSection
 from plait.errors import CheckpointError, ConfigError, describe_os_error
 
@@ -179,6 +173,10 @@ class CheckpointManager:
         self._barrier()
 
     def _load(self, checkpoint_dir: str) -> None:
+        from plait.checkpoint import contents
+        from plait.checkpoint.model_state import model_state, optimizer_state, set_model_state, set_optimizer_state
+        from plait.checkpoint.safe_storage import SafeFileSystemReader, load_tensors, mismatch
+
         reader = SafeFileSystemReader(checkpoint_dir, verify=self.config.verify)
         metadata = reader.read_metadata()
         model = model_state(self.model_parts)
@@ -254,6 +252,12 @@ class CheckpointManager:
             raise CheckpointError(f"Cannot start saving checkpoint step {step}: {problem}")
         started = time.monotonic()
         to_save = self._state_to_save()
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+        from plait.checkpoint.checksums import ChecksummingWriter
+
         writer = ChecksummingWriter(layout.partial_dir(self.folder, step))
         future: Future[Any]
         try:
@@ -333,6 +337,8 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        from torch.distributed.checkpoint.api import CheckpointException  # imported by the save
+
         error: CheckpointError | None = None
         try:
             pending.future.result()
@@ -369,6 +375,10 @@ class CheckpointManager:
                 self._lock.release()
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
+        from plait.checkpoint import contents
+        from plait.checkpoint.checksums import MARKER_KEY, marker_tensor
+        from plait.checkpoint.model_state import model_state, optimizer_state
+
         to_save = {f"model.{fqn}": tensor for fqn, tensor in model_state(self.model_parts).items()}
         optimizer = split_tensors(optimizer_state(self.model_parts, self.optimizer), key_prefix="optimizer")
         to_save.update(optimizer.tensors)
@@ -434,6 +444,8 @@ class CheckpointManager:
         )
 
     def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
+        from plait.checkpoint.safe_storage import describe, root_cause
+
         cause = root_cause(error)
         if isinstance(cause, CheckpointError):
             return cause

@@ -1,6 +1,8 @@
 """Weight initialization helpers."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -41,8 +43,7 @@ def trunc_normal_(tensor: torch.Tensor, *, std: float, mean: float = 0.0, bound:
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    # No DTensor exists before torch.distributed.tensor is imported, and importing it
+    # here would cost every single-device run its import (it pulls in sympy).
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
