@@ -62,15 +62,16 @@ def is_out_of_memory(error: BaseException) -> bool:
 def minimum_step_bytes(job: Job) -> tuple[int, str]:
     """A lower bound of what one rank needs for a step, from the config alone (no
     allocation): weights, gradients and AdamW's two states, fp32, spread over every rank;
-    one hidden state per layer; the fp32 logits of the micro-batch and their gradient. The
-    real peak is several times larger (``plait plan`` measures it); what exceeds even
-    this cannot run."""
+    one hidden state per layer; the logits of the micro-batch and their gradient, in the
+    compute dtype (the loss keeps no fp32 copy of them). The real peak is several times
+    larger (``plait plan`` measures it); what exceeds even this cannot run."""
     args, training = job.model_args, job.config.training
     tokens = training.local_batch_size * training.seq_len
     parameters = sum(p.numel() for p in job.meta_model.parameters())
     state = 4 * 4 * parameters // job.parallel_dims.world_size
     hidden = 4 * tokens * int(getattr(args, "dim", 0) or 0) * max(1, int(getattr(args, "n_layers", 1) or 1))
-    logits = 2 * 4 * tokens * int(getattr(args, "vocab_size", 0) or 0)
+    logits_dtype_bytes = 2 if training.dtype == "bfloat16" else 4
+    logits = 2 * logits_dtype_bytes * tokens * int(getattr(args, "vocab_size", 0) or 0)
     parts = [f"weights, gradients and optimizer state {_gib(state)}", f"hidden states {_gib(hidden)}"]
     if logits:
         parts.append(f"logits of {training.local_batch_size}×{training.seq_len} tokens {_gib(logits)}")

@@ -4,7 +4,8 @@ the optimizer and the LR schedule. The core's ``plait_train_step`` runs it."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -13,16 +14,42 @@ from torch import nn
 
 from plait.data.batch import call_model
 from plait.errors import PluginError
+from plait.nn.loss import cross_entropy
 from plait.train_state import StepContext
 
+if TYPE_CHECKING:
+    from plait.job import Job
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocabulary: int | None = None) -> torch.Tensor:
+    """The mean fp32 cross-entropy of logits ``[B, S, V]`` against labels ``[B, S]``, with
+    ids ``>= vocabulary`` (columns that pad the model's vocabulary past the tokenizer's)
+    out of the softmax: in chunks of rows (``plait.nn.loss``), without fp32 copies of the
+    logits. Vocabulary-sharded DTensor logits (tp's loss parallelism) take
+    ``F.cross_entropy``, which that parallelism implements."""
+    if _is_dtensor(logits):
+        logits = logits if vocabulary is None else mask_padded_logits(logits, vocabulary)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    return cross_entropy(logits.flatten(0, 1), labels.flatten(), vocabulary=vocabulary)
+
+
+def run_loss_fn(job: Job) -> Callable[..., torch.Tensor]:
+    """The loss of ``job`` (trainer, validation and ``plait plan`` alike): the model spec's
+    own, else the token cross-entropy; where the model's vocabulary is padded past the
+    tokenizer's, the padded ids are out of the softmax (they get no gradient)."""
+    spec, tokenizer = job.spec, job.tokenizer
+    model_vocabulary = getattr(job.model_args, spec.vocab_arg or "", None)
+    vocabulary = None
+    if tokenizer is not None and model_vocabulary is not None and tokenizer.vocab_size < model_vocabulary:
+        vocabulary = tokenizer.vocab_size
+    if spec.loss_fn is None:
+        return functools.partial(token_cross_entropy, vocabulary=vocabulary)
+    return spec.loss_fn if vocabulary is None else without_padded_vocabulary(spec.loss_fn, vocabulary)
 
 
 def without_padded_vocabulary(loss_fn: Callable[..., torch.Tensor], vocabulary: int) -> Callable[..., torch.Tensor]:
-    """``loss_fn`` with the logits of ids ``>= vocabulary`` (rows that pad the model's
-    vocabulary past the tokenizer's) at -inf: out of the softmax, so they get no gradient."""
+    """A model's own ``loss_fn`` with the logits of ids ``>= vocabulary`` at -inf: out of
+    the softmax, so they get no gradient (``token_cross_entropy`` leaves them out itself)."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return loss_fn(mask_padded_logits(logits, vocabulary), labels)
@@ -40,9 +67,11 @@ def mask_padded_logits(logits: torch.Tensor, vocabulary: int) -> torch.Tensor:
         return logits.masked_fill(ids >= vocabulary, float("-inf"))
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.utils._python_dispatch import _disable_current_modes
 
     local = logits.to_local()
-    _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    with _disable_current_modes():  # plain integers, also under ``plait plan``'s fake tensors
+        _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
     ids = torch.arange(local.shape[-1], device=local.device) + offset[-1]
     local = local.masked_fill(ids >= vocabulary, float("-inf"))
     return DTensor.from_local(local, logits.device_mesh, logits.placements, shape=logits.shape, stride=logits.stride())
@@ -75,10 +104,12 @@ def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     the clipping it drives, would depend on how the gradients are sharded."""
     if not grads:
         return torch.zeros(())
-    if not _is_dtensor(grads[0]):
+    if grads[0].device.type == "cpu" and not _is_dtensor(grads[0]):
         # float32 norms of rows (short sums, exact to ~1e-7), combined in float64: as exact
         # as casting every gradient to float64, without a float64 copy of all of them
-        # (at 100M parameters that copy was 10 % of a CPU step)
+        # (at 100M parameters that copy was 10 % of a CPU step). Elsewhere the foreach
+        # kernel below accumulates in float64 without copies, in a few launches where this
+        # loop would launch four kernels per gradient.
         squares = [torch.linalg.vector_norm(grad.reshape(-1, grad.shape[-1]) if grad.dim() > 1 else grad.reshape(1, -1),
                                             dim=-1).double().square().sum() for grad in grads]
         return torch.stack(squares).sum().sqrt().float()

@@ -21,8 +21,9 @@ from torch import nn
 from plait.errors import ConfigError, DataError, PlaitError, TrainingDivergedError
 from plait.job import Job
 from plait.launch import check_memory_fits, is_out_of_memory, join_process_group, rank_from_env
+from plait.meta_init import materialize
 from plait.profiling import StepProfiler, StepTimes
-from plait.step import compiled_loss, token_cross_entropy, without_padded_vocabulary
+from plait.step import compiled_loss, run_loss_fn
 from plait.train_state import DeviceInfo, StepContext
 
 logger = logging.getLogger("plait")
@@ -145,10 +146,7 @@ class Trainer:
             raise PlaitError(f"building the model ran out of {self.device.type} memory "
                              f"({str(error).splitlines()[0]}): choose a smaller model, lower --training.seq_len "
                              "(it sets the RoPE table's length), or shard over more ranks") from None
-        self.loss_fn = spec.loss_fn or token_cross_entropy
-        model_vocab = getattr(self.model_args, spec.vocab_arg or "", None)
-        if self.tokenizer is not None and model_vocab is not None and self.tokenizer.vocab_size < model_vocab:
-            self.loss_fn = without_padded_vocabulary(self.loss_fn, self.tokenizer.vocab_size)
+        self.loss_fn = run_loss_fn(job)
         if config.compile.enable:
             self.loss_fn = compiled_loss(self.loss_fn, backend=config.compile.backend)
 
@@ -254,7 +252,7 @@ class Trainer:
         layout_independent = pd.world_size > 1 and (config.training.deterministic or not self._sharded_rng_supported())
         reference = self._reference_weights() if layout_independent else None
         for part in parts:
-            part.to_empty(device=self.device)
+            materialize(part, self.device)
             if reference is None:
                 with torch.no_grad():
                     part.init_weights()
@@ -287,7 +285,7 @@ class Trainer:
         rank while it loads."""
         full = self.spec.build_meta(self.model_args)
         self.hook.plait_convert_model(model=full, config=self.config, model_spec=self.spec)
-        full.to_empty(device="cpu")
+        materialize(full, "cpu")
         with torch.no_grad():
             full.init_weights()
         return full.state_dict()
