@@ -191,6 +191,33 @@ def test_a_job_that_does_not_write_resumes_from_the_writers_checkpoints(tmp_path
     reader.close()
 
 
+def test_a_reader_whose_checkpoint_is_rotated_away_while_it_loads_takes_the_newest(tmp_path, monkeypatch):
+    """The writing job removes its oldest checkpoints as it saves: a job that does not
+    write, resuming meanwhile, may find the step it chose gone mid-read. It loads the newest
+    instead (a job that writes its folder holds its lock: nobody else removes anything)."""
+    writer_run = make_run(seed=0)
+    writer = writer_run.manager(tmp_path, interval=2, keep_latest_k=2)
+    for step in range(1, 5):
+        writer_run.train(1)
+        writer.save(step)
+    real_load = CheckpointManager._load
+
+    def load_while_the_writer_saves(manager, checkpoint_dir):  # noqa: ANN001
+        if checkpoint_dir.endswith("step-4") and writer_run.train_state.step == 4:
+            writer_run.train(2)
+            writer.save(6)
+            shutil.rmtree(checkpoint_dir)  # as if keep_latest_k removed it mid-read
+        return real_load(manager, checkpoint_dir)
+
+    monkeypatch.setattr(CheckpointManager, "_load", load_while_the_writer_saves)
+    reader_run = make_run(seed=1)
+    reader = reader_run.manager(tmp_path, writes=False)
+    assert reader.load() == 6
+    assert_equal_tensors(reader_run.weights(), writer_run.weights())
+    writer.close()
+    reader.close()
+
+
 def test_pipeline_split_checkpoint_loads_into_one_part(tmp_path):
     split = make_run(seed=0, split=True)
     split.train(2)

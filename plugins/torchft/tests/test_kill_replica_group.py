@@ -75,6 +75,11 @@ def run(tmp_path_factory):
         other.kill()
         record["kill_mid_run"] = time.time()
         record["killed_step"] = max(e["step"] for e in events(dump, 1) if e["event"] == "commit")
+        # group 0 trains on alone past the next checkpoint, so that the restarted group is
+        # behind and heals (a restart quicker than group 0's quorum timeout would find it
+        # still waiting at the killed step, with nothing to heal)
+        wait_for_event(dump, 0, "commit", record["killed_step"] + CHECKPOINT_INTERVAL + 1, deadline,
+                       after=record["kill_mid_run"])
         other.start(attempt=1)
         # 2. killed again while group 0 serves its heal, restarted
         served = wait_for_event(dump, 0, "heal_served", 1, deadline, after=record["kill_mid_run"], poll=0.005)
@@ -82,6 +87,9 @@ def run(tmp_path_factory):
         record["kill_during_heal"] = time.time()
         record["heal_applied_before_kill"] = any(e["event"] == "heal" and e["time"] > record["kill_mid_run"]
                                                  for e in events(dump, 1))
+        # as above: group 0 runs ahead first, so that the restarted group must heal
+        wait_for_event(dump, 0, "commit", served["step"] + CHECKPOINT_INTERVAL + 1, deadline,
+                       after=record["kill_during_heal"])
         other.start(attempt=2)
         healed = wait_for_event(dump, 1, "heal", served["step"], deadline, after=record["kill_during_heal"])
         record["group1_heal"] = healed

@@ -37,6 +37,8 @@ warnings.filterwarnings(
 )
 
 _LR_SCHEDULER = "lr_scheduler"
+#: a reader of a folder another job writes (and rotates) retries with the newest step this often
+_RELOADS_AFTER_ROTATION = 5
 _RESERVED_NAMES = frozenset({"model", "optimizer", _LR_SCHEDULER})
 _STATE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
@@ -134,6 +136,11 @@ class CheckpointManager:
         """Load the checkpoint to resume from; returns its step, or 0 when there is none."""
         if not self.config.enable:
             return 0
+        if not self.writes and os.path.isdir(self.folder):
+            # The job that writes this folder removes its oldest checkpoints as it saves:
+            # import the reading code (DCP, about 1 s) before choosing a step, not between
+            # choosing and reading it.
+            from plait.checkpoint import contents  # noqa: F401
         available = self._from_rank0(layout.list_checkpoints(self.folder) if self._rank == 0 else None)
         requested = self.config.load_step
         if requested >= 0 and requested not in available:
@@ -148,10 +155,30 @@ class CheckpointManager:
             self._set_aside_newer(requested, [step for step in available if step > requested])
         step = requested if requested >= 0 else available[-1]
         started = time.monotonic()
-        self._load(layout.step_dir(self.folder, step))
+        for attempt in range(_RELOADS_AFTER_ROTATION + 1):
+            try:
+                self._load(layout.step_dir(self.folder, step))
+                break
+            except CheckpointError:
+                newest = self._newest_after_rotation(step) if requested < 0 else None
+                if newest is None or attempt == _RELOADS_AFTER_ROTATION:
+                    raise
+                logger.warning("checkpoint step %d was removed while it loaded (the job that writes %s keeps "
+                               "only its latest checkpoints); loading step %d", step, self.folder, newest)
+                step = newest
         self._last_step = step
         logger.info("Resumed from checkpoint step %d in %.1f s", step, time.monotonic() - started)
         return step
+
+    def _newest_after_rotation(self, step: int) -> int | None:
+        """When another job writes this folder (``writes=False``) it may remove ``step`` as
+        it saves newer ones while this one reads it: then the newest complete step, else
+        None (the failure was something else). Each rank looks at the shared folder itself:
+        a rank that failed cannot join a collective its peers are not in."""
+        if self.writes or os.path.isdir(layout.step_dir(self.folder, step)):
+            return None
+        newer = [s for s in layout.list_checkpoints(self.folder) if s > step]
+        return newer[-1] if newer else None
 
     def _set_aside_newer(self, requested: int, newer: list[int]) -> None:
         """Training on from an older step while newer checkpoints stay would leave two

@@ -41,16 +41,19 @@ def _rebuild(template: dict[str, Any], received: dict[str, Any]) -> dict[str, An
 
 
 def live_state(checkpointer: Any, inner_optimizer: torch.optim.Optimizer, *, own_key: str,
-               own_state: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+               own_state: Callable[[], dict[str, Any]], states: dict[str, Any] | None = None) -> dict[str, Any]:
     """This rank's state for a peer to heal from. ``own_key`` names this plugin's entry
-    among the checkpointed states: it travels as ``own_state()`` (per-rank data) instead."""
+    among the checkpointed states: it travels as ``own_state()`` (per-rank data) instead.
+    ``states``: the other checkpointed states' state dicts as of the step's start (else
+    read now)."""
     parts = checkpointer.model_parts
     return {
         "model": tree_map(_local, model_state(parts)),
         # An optimizer that never stepped has no state; initializing it here would count a step.
         "optimizer": tree_map(_local, optimizer_state(parts, inner_optimizer)) if inner_optimizer.state else None,
         "lr_scheduler": checkpointer.lr_scheduler.state_dict(),
-        "states": {name: obj.state_dict() for name, obj in checkpointer.states.items() if name != own_key},
+        "states": states if states is not None else {
+            name: obj.state_dict() for name, obj in checkpointer.states.items() if name != own_key},
         own_key: own_state(),
     }
 

@@ -15,6 +15,7 @@ Synchronous mode, one step:
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -117,6 +118,7 @@ class FaultTolerance:
         self._store: Any = None
         self._quorums = 0
         self._healed_at: float | None = None
+        self._states_at_step_start: dict[str, Any] | None = None
         self._vote: bool | None = None
         self._events: Any = None
 
@@ -181,12 +183,21 @@ class FaultTolerance:
 
     # ------------------------------------------------------------------ healing
 
+    def _keep_states_at_step_start(self, ctx: Any) -> None:
+        """A healing peer reads this group's state while the step runs on: after this group
+        drew the step's batches (and on a retry of a discarded attempt, long after), before
+        the step commits (torchft holds the weights until then). The plain states (data
+        position, train state) are served as they were before the step's batches were drawn."""
+        self._states_at_step_start = {name: copy.deepcopy(obj.state_dict())
+                                      for name, obj in ctx.checkpointer.states.items() if name != STATE_KEY}
+
     def _live_state(self) -> dict[str, Any]:
         from plait_torchft.healing import live_state
 
         assert self.optimizer is not None and self.checkpointer is not None
         self._event("heal_served", step=self.checkpointer.states["train_state"].step + 1)
-        return live_state(self.checkpointer, self.optimizer.inner, own_key=STATE_KEY, own_state=self._rank_state)
+        return live_state(self.checkpointer, self.optimizer.inner, own_key=STATE_KEY, own_state=self._rank_state,
+                          states=self._states_at_step_start)
 
     def _load_live_state(self, state: dict[str, Any]) -> None:
         from plait_torchft.healing import load_live_state
@@ -235,6 +246,7 @@ class FaultTolerance:
                            self.section.replica_group, seconds, train_state.step + 1, ctx.step)
             self._event("heal", step=train_state.step + 1, seconds=seconds, from_step=ctx.step)
             ctx.step = train_state.step + 1
+            self._keep_states_at_step_start(ctx)
             ctx.results.setdefault("metrics", {})["ft/heal_seconds"] = seconds
         ctx.results.setdefault("metrics", {})["ft/quorum_size"] = float(participants)
 
@@ -264,6 +276,7 @@ class FaultTolerance:
         from plait.step import run_train_step
 
         self.checkpointer = ctx.checkpointer
+        self._keep_states_at_step_start(ctx)
         source = ctx.batches
         batches: list[Any] | None = None
         for attempt in range(1, self.section.step_attempts + 1):
@@ -349,6 +362,7 @@ class FaultTolerance:
 
         assert self.semisync is not None
         self.checkpointer = ctx.checkpointer
+        self._keep_states_at_step_start(ctx)
         if self._quorums == 0 or ctx.step % self.semisync.sync_every in self.semisync.meeting_steps():
             self.quorum(ctx)
         loss = run_train_step(ctx)
