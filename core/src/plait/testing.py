@@ -332,7 +332,9 @@ def model_conformance(
         labels = torch.roll(tokens, -1, dims=1)
         if spec.loss_fn is not None:
             return spec.loss_fn(logits, labels)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        from plait.step import token_cross_entropy  # the loss the trainer uses
+
+        return token_cross_entropy(logits, labels)
 
     def tokens_for(args: Any, *, batch: int = 2, length: int = seq_len, seed: int = 1) -> Any:
         return torch.randint(0, args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
