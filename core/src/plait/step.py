@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.data.batch import call_model
+from plait.dtensors import full_tensor, is_dtensor
 from plait.errors import PluginError
 from plait.nn.loss import cross_entropy
 from plait.train_state import StepContext
@@ -27,7 +28,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocabular
     out of the softmax: in chunks of rows (``plait.nn.loss``), without fp32 copies of the
     logits. Vocabulary-sharded DTensor logits (tp's loss parallelism) take
     ``F.cross_entropy``, which that parallelism implements."""
-    if _is_dtensor(logits):
+    if is_dtensor(logits):
         logits = logits if vocabulary is None else mask_padded_logits(logits, vocabulary)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     return cross_entropy(logits.flatten(0, 1), labels.flatten(), vocabulary=vocabulary)
@@ -62,7 +63,7 @@ def mask_padded_logits(logits: torch.Tensor, vocabulary: int) -> torch.Tensor:
     vocabulary-sharded DTensor (tp's loss parallelism) masks each rank's own columns."""
     if logits.shape[-1] <= vocabulary:
         return logits
-    if not _is_dtensor(logits):
+    if not is_dtensor(logits):
         ids = torch.arange(logits.shape[-1], device=logits.device)
         return logits.masked_fill(ids >= vocabulary, float("-inf"))
     from torch.distributed.tensor import DTensor
@@ -104,7 +105,7 @@ def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     the clipping it drives, would depend on how the gradients are sharded."""
     if not grads:
         return torch.zeros(())
-    if grads[0].device.type == "cpu" and not _is_dtensor(grads[0]):
+    if grads[0].device.type == "cpu" and not is_dtensor(grads[0]):
         # float32 norms of rows (short sums, exact to ~1e-7), combined in float64: as exact
         # as casting every gradient to float64, without a float64 copy of all of them
         # (at 100M parameters that copy was 10 % of a CPU step). Elsewhere the foreach
@@ -115,8 +116,7 @@ def _full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(squares).sum().sqrt().float()
     norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64)
     norm = torch.linalg.vector_norm(torch.stack(norms))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return norm.float()
+    return full_tensor(norm).float()
 
 
 def compiled_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Callable[..., torch.Tensor]:
@@ -126,13 +126,9 @@ def compiled_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Call
     compiled = torch.compile(loss_fn, backend=backend)
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_fn(logits, labels) if _is_dtensor(logits) else compiled(logits, labels)
+        return loss_fn(logits, labels) if is_dtensor(logits) else compiled(logits, labels)
 
     return loss
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor) is not torch.Tensor and hasattr(tensor, "full_tensor")
 
 
 def default_forward_backward(ctx: StepContext) -> torch.Tensor:
@@ -141,7 +137,7 @@ def default_forward_backward(ctx: StepContext) -> torch.Tensor:
     del logits
     loss.backward()
     loss = loss.detach()
-    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+    return full_tensor(loss)
 
 
 @contextlib.contextmanager
@@ -166,7 +162,7 @@ def evaluate_micro_batch(ctx: StepContext) -> torch.Tensor:
         loss = ctx.hook.plait_evaluate(ctx=ctx)
         if loss is None:
             loss = ctx.loss_fn(call_model(ctx.model_parts[0], ctx.inputs), ctx.labels)
-            loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+            loss = full_tensor(loss)
     return loss.detach()
 
 

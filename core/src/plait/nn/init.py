@@ -1,10 +1,10 @@
 """Weight initialization helpers."""
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
+
+from plait.dtensors import is_dtensor
 
 
 @torch.no_grad()
@@ -26,24 +26,33 @@ def trunc_normal_(tensor: torch.Tensor, *, std: float, mean: float = 0.0, bound:
     if tensor.is_meta:
         return tensor
     low, high = mean - bound * std, mean + bound * std
-    if _is_dtensor(tensor):
+    if is_dtensor(tensor):
         return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=low, b=high)
     # The bounds as the tensor's dtype represents them, so that no stored value lies outside.
     low = tensor.new_tensor(low, device="cpu").item()
     high = tensor.new_tensor(high, device="cpu").item()
-    work = tensor if tensor.dim() else tensor.unsqueeze(0)  # a view: writes reach ``tensor``
-    work.normal_(mean, std)
-    rejected = ((work < low) | (work > high)).nonzero(as_tuple=True)
-    while rejected[0].numel():
-        draws = work.new_empty(rejected[0].numel()).normal_(mean, std)
-        work.index_put_(rejected, draws)
-        still = (draws < low) | (draws > high)
-        rejected = tuple(index[still] for index in rejected)
+    tensor.normal_(mean, std)
+    flat = tensor.view(-1) if tensor.is_contiguous() else tensor.flatten()  # row-major either way
+    rejected = _indices_outside(flat, low, high)
+    while rejected.numel():
+        draws = flat.new_empty(rejected.numel()).normal_(mean, std)
+        flat[rejected] = draws
+        rejected = rejected[(draws < low) | (draws > high)]
+    if not tensor.is_contiguous():
+        tensor.copy_(flat.view(tensor.shape))
     return tensor
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    # No DTensor exists before torch.distributed.tensor is imported, and importing it
-    # here would cost every single-device run its import (it pulls in sympy).
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
+def _indices_outside(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """The ascending indices of a 1-d tensor's values outside ``[low, high]``. On the CPU
+    in blocks that stay in cache: a mask of the whole tensor at once is a fresh allocation
+    the size of the weight, and its page faults cost more than the comparisons (1e8 values:
+    0.34 s at once, 0.18 s in blocks of 2**20)."""
+    block = 1 << 20 if values.device.type == "cpu" else max(values.numel(), 1)
+    found = []
+    for start in range(0, values.numel(), block):
+        chunk = values[start : start + block]
+        indices = (chunk < low).logical_or_(chunk > high).nonzero().squeeze(1)
+        if indices.numel():
+            found.append(indices.add_(start))
+    return torch.cat(found) if found else values.new_empty(0, dtype=torch.long)

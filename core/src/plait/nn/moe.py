@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.dtensors import local_tensor
 from plait.errors import ConfigError
 from plait.nn.feed_forward import FeedForward
 from plait.nn.init import trunc_normal_
@@ -103,11 +104,7 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     """This rank's part of a weight: expert parallelism shards the experts (dim 0) and
     tensor parallelism their hidden features, as DTensors; a MoE layer computes with the
     local shards and leaves the exchanges to its dispatcher and ``tensor_parallel``."""
-    if not torch.distributed.is_available():
-        return weight
-    from torch.distributed.tensor import DTensor  # here: single-process runs need not load it
-
-    return weight.to_local() if isinstance(weight, DTensor) else weight
+    return local_tensor(weight)
 
 
 # --------------------------------------------------------------------------- routing

@@ -7,6 +7,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from plait.dtensors import full_tensor
+
 
 class MicrobatchLoss:
     """The loss function the schedule calls on the last stage for each pipeline microbatch.
@@ -91,13 +93,8 @@ class PipelineRunner:
     def _shared_loss(self, microbatch_losses: list[torch.Tensor], *, device: torch.device) -> torch.Tensor:
         """The sum of the microbatch losses, broadcast from the last stage over the pp group."""
         if self.has_last_stage:
-            total = torch.stack([_full(loss.detach()) for loss in microbatch_losses]).sum().float()
+            total = torch.stack([full_tensor(loss.detach()) for loss in microbatch_losses]).sum().float()
         else:
             total = torch.zeros((), dtype=torch.float32, device=device)
         dist.broadcast(total, group=self.group, group_src=self.loss_owner)
         return total
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor (loss parallel returns a replicated DTensor)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
